@@ -1,0 +1,19 @@
+"""Exceptions raised by hf_mousse. Each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class HfMousseError(Exception):
+    """Base class of every hf_mousse error."""
+
+
+class InvalidHyperparameterError(HfMousseError, ValueError):
+    """A constructor argument or param-group value is out of range or of the wrong kind."""
+
+
+class UnsupportedParameterError(HfMousseError, TypeError):
+    """A parameter cannot be optimised (complex, sparse gradient, wrong shape for its role)."""
+
+
+class NonFiniteGradientError(HfMousseError, RuntimeError):
+    """A gradient holds inf or NaN and the optimizer was told to refuse it."""

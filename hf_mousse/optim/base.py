@@ -1,0 +1,397 @@
+"""The shared optimizer: param groups with roles, lazy state, same-shape batching, scalar path.
+
+Subclasses (Muon, Mousse, MiMuon) only say how a stack of momentum matrices becomes a stack of
+updates (:meth:`SpectralOptimizer._bucket_update`) and what extra state a matrix needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
+
+import torch
+
+from ..errors import InvalidHyperparameterError, NonFiniteGradientError, UnsupportedParameterError
+from . import scalar as scalar_path
+from .kronecker import EighStats
+from .orthogonalize import newton_schulz, norm_safety_for, resolve_schedule
+from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, to_blocks
+from .weight_decay import SCHEDULES, decay_shrink
+
+ADJUST_LR = ("original", "match_rms_adamw", "spectral_norm", None)
+NS_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+NONFINITE = ("raise", "skip", "ignore")
+
+# Keys every group has; subclasses add their own. Scalar groups reuse lr / weight_decay.
+COMMON_DEFAULTS = dict(
+    momentum=0.95,
+    nesterov=False,
+    ns="dion",
+    ns_steps=None,
+    ns_eps=1e-7,
+    ns_dtype="auto",
+    adjust_lr="spectral_norm",
+    weight_decay_schedule="decoupled",
+    scalar_optimizer="adamw",
+    scalar_lr=None,
+    scalar_weight_decay=0.0,
+    betas=(0.9, 0.95),
+    scalar_eps=1e-8,
+)
+
+
+def lr_ratio(adjust_lr: str | None, m: int, n: int) -> float:
+    """Per-shape LR multiplier for an m (fan-out) x n (fan-in) matrix (ALGORITHMS.md §a.3)."""
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, m / n))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if adjust_lr == "spectral_norm":
+        return math.sqrt(m / n)
+    return 1.0
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """Optimizer state is at least fp32, so bf16 parameters keep full-precision statistics."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise InvalidHyperparameterError(f"invalid {key}={value!r}: expected {expected}")
+
+
+@dataclass
+class Bucket:
+    """Same-shape matrix blocks of one param group, stacked for batched kernels."""
+
+    group: dict
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict]
+    counts: list[int]  # blocks per parameter
+    x: torch.Tensor  # (blocks, m, n) stacked momentum (or Nesterov mix), logical layout
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.offsets = [0, *accumulate(self.counts)][:-1]
+
+    def stack(self, tensors: list[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+        """Stack per-parameter tensors (storage layout) into logical (blocks, m, n) form."""
+        layout, split = self.group["layout"], self.group["split"]
+        out = torch.empty(self.x.shape, dtype=dtype, device=self.x.device)
+        for t, o, k in zip(tensors, self.offsets, self.counts):
+            out[o : o + k].copy_(to_blocks(t, layout, split))
+        return out
+
+    def cat_state(self, key: str) -> torch.Tensor:
+        return torch.cat([s[key] for s in self.states])
+
+    def rows(self, indices: list[int]) -> torch.Tensor:
+        """Block indices (into the stack) of the given parameters."""
+        return torch.cat(
+            [torch.arange(self.offsets[i], self.offsets[i] + self.counts[i]) for i in indices]
+        ).to(self.x.device)
+
+
+class SpectralOptimizer(torch.optim.Optimizer):
+    """Base class: one optimizer for a whole model, matrices and scalars in their own groups.
+
+    A param group without a ``role`` is split on construction: parameters of rank >= 2 (both
+    sides >= 2) go to a ``role="matrix"`` group, the rest to a ``role="scalar"`` group whose lr is
+    ``scalar_lr`` (default: the group's lr) and weight decay ``scalar_weight_decay``.
+    """
+
+    momentum_form = "ema"  # "ema": B <- mu B + (1-mu) G ; "heavy_ball": M <- mu M + G
+    stack_in_ns_dtype = True  # cast the stacked momentum to the NS dtype before _bucket_update
+
+    def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
+        _check(nonfinite in NONFINITE, "nonfinite", nonfinite, f"one of {NONFINITE}")
+        self.nonfinite = nonfinite
+        self.eigh_stats = EighStats()
+        self.nonfinite_skips = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict) -> None:
+        if "role" in param_group:
+            return self._add_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        names = param_group.get("param_names")
+        if params and isinstance(params[0], tuple):  # named parameters
+            names, params = [n for n, _ in params], [p for _, p in params]
+        rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        split: dict[str, list] = {"matrix": [], "scalar": []}
+        for i, p in enumerate(params):
+            layout = default_layout(p)
+            split["matrix" if layout else "scalar"].append((i, p, layout))
+        for layout in LAYOUTS:
+            members = [(i, p) for i, p, lay in split["matrix"] if lay == layout]
+            if members:
+                g = {**rest, "role": "matrix", "layout": layout, "split": 1}
+                self._add_group(self._with_params(g, members, names))
+        if split["scalar"] or not params:
+            g = {k: v for k, v in rest.items() if k not in ("lr", "weight_decay")}
+            lr = rest.get("scalar_lr", self.defaults["scalar_lr"])
+            g["lr"] = rest.get("lr", self.defaults["lr"]) if lr is None else lr
+            g["weight_decay"] = rest.get("scalar_weight_decay", self.defaults["scalar_weight_decay"])
+            members = [(i, p) for i, p, _ in split["scalar"]]
+            self._add_group(self._with_params({**g, "role": "scalar"}, members, names))
+
+    @staticmethod
+    def _with_params(group: dict, members: list, names) -> dict:
+        group["params"] = [p for _, p in members]
+        if names is not None:
+            group["param_names"] = [names[i] for i, _ in members]
+        return group
+
+    def _add_group(self, group: dict) -> None:
+        if group["role"] == "scalar":
+            if "lr" not in group:
+                lr = group.get("scalar_lr", self.defaults["scalar_lr"])
+                group["lr"] = self.defaults["lr"] if lr is None else lr
+            group.setdefault(
+                "weight_decay", group.get("scalar_weight_decay", self.defaults["scalar_weight_decay"])
+            )
+        else:
+            group.setdefault("layout", "linear")
+            group.setdefault("split", 1)
+        super().add_param_group(group)
+        self._validate_group(self.param_groups[-1])
+
+    def _validate_group(self, g: dict) -> None:
+        _check(g["role"] in ("matrix", "scalar"), "role", g["role"], "'matrix' or 'scalar'")
+        for key in ("lr", "weight_decay", "scalar_eps"):
+            v = g[key]
+            _check(isinstance(v, (int, float)) and v >= 0, key, v, "a float >= 0")
+        _check(g["scalar_eps"] > 0, "scalar_eps", g["scalar_eps"], "a float > 0")
+        m = g["momentum"]
+        _check(isinstance(m, (int, float)) and 0 <= m < 1, "momentum", m, "a float in [0, 1)")
+        _check(isinstance(g["nesterov"], bool), "nesterov", g["nesterov"], "True or False")
+        b = g["betas"]
+        _check(
+            isinstance(b, (tuple, list)) and len(b) == 2 and all(0 <= x < 1 for x in b),
+            "betas", b, "two floats in [0, 1)",
+        )
+        _check(g["scalar_optimizer"] in scalar_path.SCALAR_OPTIMIZERS, "scalar_optimizer",
+               g["scalar_optimizer"], f"one of {scalar_path.SCALAR_OPTIMIZERS}")
+        _check(g["weight_decay_schedule"] in SCHEDULES, "weight_decay_schedule",
+               g["weight_decay_schedule"], f"one of {SCHEDULES}")
+        _check(g["adjust_lr"] in ADJUST_LR, "adjust_lr", g["adjust_lr"], f"one of {ADJUST_LR}")
+        _check(g["ns_dtype"] in NS_DTYPES, "ns_dtype", g["ns_dtype"], f"one of {NS_DTYPES}")
+        _check(g["ns_eps"] > 0, "ns_eps", g["ns_eps"], "a float > 0")
+        steps = g["ns_steps"]
+        _check(steps is None or (isinstance(steps, int) and steps >= 1), "ns_steps", steps,
+               "None or an int >= 1")
+        try:
+            resolve_schedule(g["ns"], steps)
+        except ValueError as e:
+            raise InvalidHyperparameterError(str(e)) from None
+        if g["role"] == "matrix":
+            _check(g["layout"] in LAYOUTS, "layout", g["layout"], f"one of {LAYOUTS}")
+            split = g["split"]
+            _check(isinstance(split, int) and split >= 1, "split", split, "an int >= 1")
+            names = g.get("param_names") or [None] * len(g["params"])
+            for name, p in zip(names, g["params"]):
+                what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                if p.ndim < 2:
+                    raise UnsupportedParameterError(
+                        f"{what} has {p.ndim} dims and cannot take the matrix path with layout="
+                        f"{g['layout']!r}; put it in a role='scalar' group (hf_mousse.param_groups does this)"
+                    )
+                rows = matrix_dims(p.shape, g["layout"])[1]
+                if rows % split:
+                    raise UnsupportedParameterError(
+                        f"{what}: split={split} does not divide its {rows} output rows"
+                    )
+        self._validate_algorithm(g)
+
+    def _validate_algorithm(self, g: dict) -> None:
+        """Subclass hook: check the algorithm's own group keys."""
+
+    # ------------------------------------------------------------------ state
+    def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
+        """Subclass hook: add algorithm state for a new matrix parameter."""
+
+    def _bucket_update(self, bucket: Bucket) -> tuple[torch.Tensor, float]:
+        """Subclass hook: (update stack (blocks, m, n), LR multiplier) for one bucket."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["hf_mousse_stats"] = self.stats()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but state tensors keep their saved dtype (torch would cast fp32 factors
+        and moments of a bf16 parameter to bf16) and are copied, not aliased."""
+        state_dict = dict(state_dict)
+        saved_state = state_dict.pop("state")
+        stats = state_dict.pop("hf_mousse_stats", None)
+        super().load_state_dict({**state_dict, "state": {}})
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        for pid, st in saved_state.items():
+            if pid not in id_map:
+                raise InvalidHyperparameterError(
+                    f"optimizer state refers to parameter index {pid}, which the param groups do not have"
+                )
+            p = id_map[pid]
+            self.state[p] = {
+                k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in st.items()
+            }
+        if stats:
+            self.eigh_stats = EighStats(
+                stats["eigh_refreshes"], stats["eigh_fp64_retries"], stats["eigh_failures"]
+            )
+            self.nonfinite_skips = stats["nonfinite_skips"]
+
+    def stats(self) -> dict[str, int]:
+        """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps."""
+        return {
+            "eigh_refreshes": self.eigh_stats.refreshed,
+            "eigh_fp64_retries": self.eigh_stats.fp64_retries,
+            "eigh_failures": self.eigh_stats.failures,
+            "nonfinite_skips": self.nonfinite_skips,
+        }
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse or p.is_complex():
+                    raise UnsupportedParameterError(
+                        f"{type(self).__name__} does not support sparse gradients or complex parameters"
+                    )
+            if params:
+                work.append((group, params))
+        if self.nonfinite != "ignore" and not self._grads_finite(work):
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (inf or NaN) in {self._nonfinite_names(work)}; no parameter "
+                    "was updated. Lower the learning rate, enable gradient clipping or loss scaling, "
+                    "or pass nonfinite='skip' to skip such steps (they are counted in stats())"
+                )
+            self.nonfinite_skips += 1
+            return loss
+        for group, params in work:
+            if group["role"] == "scalar":
+                self._scalar_step(group, params)
+            else:
+                self._matrix_step(group, params)
+        return loss
+
+    @staticmethod
+    def _grads_finite(work) -> bool:
+        # One fused norm per dtype and a single host read: the only sync in step(), and only
+        # when the check is on (nonfinite != "ignore").
+        by_dtype = defaultdict(list)
+        for _, params in work:
+            for p in params:
+                by_dtype[p.grad.dtype].append(p.grad)
+        if not by_dtype:
+            return True
+        sums = [torch.stack(torch._foreach_norm(gs)).float().sum() for gs in by_dtype.values()]
+        return bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
+
+    @staticmethod
+    def _nonfinite_names(work) -> str:
+        bad = []
+        for group, params in work:
+            names = dict(zip(map(id, group["params"]), group.get("param_names") or []))
+            for p in params:
+                if not torch.isfinite(p.grad).all():
+                    bad.append(names.get(id(p), f"<parameter of shape {tuple(p.shape)}>"))
+        return ", ".join(bad)
+
+    def _scalar_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        kind = group["scalar_optimizer"]
+        states = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                scalar_path.init_state(st, p, kind, state_dtype(p))
+            st["step"] += 1
+            states.append(st)
+        grads = [p.grad if p.grad.dtype == s["exp_avg"].dtype else p.grad.to(s["exp_avg"].dtype)
+                 for p, s in zip(params, states)]
+        shrink = decay_shrink(group)
+        if kind == "adamw":
+            scalar_path.adamw(params, grads, states, lr=group["lr"], betas=group["betas"],
+                              eps=group["scalar_eps"], shrink=shrink)
+        else:
+            scalar_path.lion(params, grads, states, lr=group["lr"], betas=group["betas"], shrink=shrink)
+
+    def _ns_dtype(self, group: dict, device: torch.device) -> torch.dtype:
+        name = group["ns_dtype"]
+        if name == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, name)
+
+    def orthogonalize(self, group: dict, x: torch.Tensor) -> torch.Tensor:
+        """Newton–Schulz with the group's coefficients, in the group's NS dtype."""
+        return newton_schulz(
+            x,
+            resolve_schedule(group["ns"], group["ns_steps"]),
+            group["ns_eps"],
+            self._ns_dtype(group, x.device),
+            norm_safety_for(group["ns"]),
+        )
+
+    def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        layout, split = group["layout"], group["split"]
+        states = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["momentum"] = torch.zeros_like(p, dtype=state_dtype(p))
+                self._init_matrix_state(st, p, group)
+            st["step"] += 1
+            states.append(st)
+        bufs = [s["momentum"] for s in states]
+        grads = [p.grad if p.grad.dtype == b.dtype else p.grad.to(b.dtype) for p, b in zip(params, bufs)]
+        mu = group["momentum"]
+        if self.momentum_form == "ema":
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            directions = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        else:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            directions = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            _, m, n = matrix_dims(p.shape, layout, split)
+            buckets[(m, n, p.device)].append(i)
+        shrink = decay_shrink(group)
+        for (m, n, device), idx in buckets.items():
+            counts = [matrix_dims(params[i].shape, layout, split)[0] for i in idx]
+            dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
+            x = torch.empty((sum(counts), m, n), dtype=dtype, device=device)
+            bucket = Bucket(group, [params[i] for i in idx], [grads[i] for i in idx],
+                            [states[i] for i in idx], counts, x)
+            for i, o, k in zip(idx, bucket.offsets, counts):
+                x[o : o + k].copy_(to_blocks(directions[i], layout, split))
+            update, ratio = self._bucket_update(bucket)
+            ps = bucket.params
+            if shrink != 1.0:
+                torch._foreach_mul_(ps, shrink)
+            updates = [from_blocks(update[o : o + k], layout, p.shape)
+                       for p, o, k in zip(ps, bucket.offsets, counts)]
+            torch._foreach_add_(ps, updates, alpha=-group["lr"] * ratio)

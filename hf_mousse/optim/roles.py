@@ -1,0 +1,182 @@
+"""Which parameters take the matrix path, and how their storage maps to (out x in) matrices.
+
+A matrix parameter is described by two param-group keys:
+
+``layout``
+    ``"linear"``: storage is (..., out, in) as in ``nn.Linear``; leading dims (stacked experts) are a batch.
+    ``"in_out"``: storage is (..., in, out), as in GPT-2's ``Conv1D``; it is transposed on the fly.
+    ``"conv"``:   storage is (out, in, *kernel); flattened to (out, in * prod(kernel)).
+``split``
+    number of equal row blocks of a fused projection (3 for GPT-2's ``c_attn`` = Q, K, V), each
+    orthogonalised (and, for Mousse, preconditioned) as its own matrix.
+
+"Left" is always the out side and "right" the in side, whatever the storage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+LAYOUTS = ("linear", "in_out", "conv")
+
+# Fused projections whose output rows are equal, contiguous blocks. ``square`` demands out == k * in
+# (multi-head attention with equal Q, K, V); grouped-query fusions are left whole, because their
+# blocks differ in size.
+DEFAULT_FUSED: dict[str, tuple[int, bool]] = {
+    "c_attn": (3, True),  # GPT-2: split(n_embd, dim=2) -> q, k, v
+    "qkv_proj": (3, True),  # Phi-3 (MHA variants)
+    "Wqkv": (3, True),  # ModernBERT
+    "gate_up_proj": (2, False),  # Phi-3 MLP, stacked MoE experts: chunk(2) -> gate, up
+}
+
+
+def matrix_dims(shape: torch.Size | tuple, layout: str, split: int = 1) -> tuple[int, int, int]:
+    """(blocks, rows, cols) of the logical block stack for a parameter of ``shape``."""
+    if layout == "conv":
+        out, fan_in, batch = shape[0], math.prod(shape[1:]), 1
+    elif layout == "in_out":
+        fan_in, out, batch = shape[-2], shape[-1], math.prod(shape[:-2])
+    else:
+        out, fan_in, batch = shape[-2], shape[-1], math.prod(shape[:-2])
+    return batch * split, out // split, fan_in
+
+
+def to_blocks(t: torch.Tensor, layout: str, split: int = 1) -> torch.Tensor:
+    """View (or, for transposed storage, copy) ``t`` as a (blocks, rows, cols) stack."""
+    b, m, n = matrix_dims(t.shape, layout, split)
+    if layout == "in_out":
+        t = t.mT
+    return t.reshape(b, m, n)
+
+
+def from_blocks(u: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: a (blocks, rows, cols) stack back in storage layout ``shape``."""
+    if layout == "in_out":
+        return u.reshape(*shape[:-2], shape[-1], shape[-2]).mT
+    return u.reshape(shape)
+
+
+def default_layout(p: torch.Tensor) -> str | None:
+    """Layout for a parameter given without a role: matrices and stacks of matrices go to the
+    matrix path, 4-D+ tensors are treated as conv filters, everything else (and any matrix with a
+    side of length 1) goes to the scalar path (None)."""
+    if p.ndim < 2:
+        return None
+    layout = "conv" if p.ndim >= 4 else "linear"
+    _, m, n = matrix_dims(p.shape, layout)
+    return layout if min(m, n) >= 2 else None
+
+
+def _module_layout(module: nn.Module, p: torch.Tensor) -> str:
+    if type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == p.shape[-1]:
+        return "in_out"  # transformers.pytorch_utils.Conv1D, matched by duck type (no transformers import)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return "conv" if p.ndim >= 4 else "linear"
+
+
+def _fused_split(leaf: str, shape, layout: str, fused: dict[str, tuple[int, bool]]) -> int:
+    if leaf not in fused or layout == "conv":
+        return 1
+    k, square = fused[leaf]
+    _, out, fan_in = matrix_dims(shape, layout)
+    if out % k or (square and out != k * fan_in):
+        return 1
+    return k
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    scalar_lr: float | None = None,
+    embedding_lr: float | None = None,
+    head_lr: float | None = None,
+    scalar_weight_decay: float | None = None,
+    split_fused: bool = True,
+    fused: dict[str, tuple[int, bool]] | None = None,
+    trainable_only: bool = True,
+) -> list[dict]:
+    """Split ``model``'s parameters into param groups with roles.
+
+    * Matrix path (Muon/Mousse/MiMuon): every parameter of rank >= 2 with both sides >= 2 that is
+      not a token/position embedding or the output head, one group per (layout, split).
+    * Scalar path (AdamW or Lion): embeddings (``nn.Embedding`` and ``get_input_embeddings()``),
+      the output head (``get_output_embeddings()``, tied or not; a tied head is the embedding
+      itself and appears once), and every 1-D / 0-D parameter (norm gains, biases).
+
+    Each group carries ``param_names`` so that state can be checkpointed by name. Options left at
+    None are filled by the optimizer's defaults (``lr``/``weight_decay`` for matrices,
+    ``scalar_lr``/``scalar_weight_decay`` for the scalar path).
+    """
+    fused = (DEFAULT_FUSED if fused is None else fused) if split_fused else {}
+    modules = dict(model.named_modules())
+    embedding_ids = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
+    head_ids: set[int] = set()
+    for getter, ids in (("get_input_embeddings", embedding_ids), ("get_output_embeddings", head_ids)):
+        fn = getattr(model, getter, None)
+        mod = fn() if callable(fn) else None
+        weight = getattr(mod, "weight", None) if mod is not None else None
+        if isinstance(weight, torch.Tensor):
+            ids.add(id(weight))
+    head_ids -= embedding_ids  # a tied head is the embedding
+
+    buckets: dict[tuple, dict] = {}
+
+    def put(key: tuple, name: str, p: torch.Tensor, **extra) -> None:
+        g = buckets.setdefault(key, {"params": [], "param_names": [], **extra})
+        g["params"].append(p)
+        g["param_names"].append(name)
+
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) in embedding_ids:
+            put(("embedding",), name, p, role="scalar", group_name="embedding")
+            continue
+        if id(p) in head_ids:
+            put(("head",), name, p, role="scalar", group_name="head")
+            continue
+        module_name, _, _ = name.rpartition(".")
+        module = modules.get(module_name, model)
+        layout = default_layout(p) and _module_layout(module, p)
+        if layout is None or min(matrix_dims(p.shape, layout)[1:]) < 2:
+            put(("scalar",), name, p, role="scalar", group_name="scalar")
+            continue
+        split = _fused_split(module_name.rpartition(".")[2], p.shape, layout, fused)
+        put(
+            ("matrix", layout, split),
+            name,
+            p,
+            role="matrix",
+            layout=layout,
+            split=split,
+            group_name="matrix" if (layout, split) == ("linear", 1) else f"matrix.{layout}.split{split}",
+        )
+
+    overrides = {
+        "matrix": {"lr": lr, "weight_decay": weight_decay},
+        "scalar": {"lr": scalar_lr, "weight_decay": scalar_weight_decay},
+        "embedding": {"lr": embedding_lr if embedding_lr is not None else scalar_lr,
+                      "weight_decay": scalar_weight_decay},
+        "head": {"lr": head_lr if head_lr is not None else scalar_lr, "weight_decay": scalar_weight_decay},
+    }
+    groups = []
+    for key, g in buckets.items():
+        for k, v in overrides[key[0]].items():
+            if v is not None:
+                g[k] = v
+        groups.append(g)
+    return groups
+
+
+def iter_named(groups: Iterable[dict]):
+    """Yield (name or None, param, group) over param groups."""
+    for g in groups:
+        names = g.get("param_names") or [None] * len(g["params"])
+        yield from ((n, p, g) for n, p in zip(names, g["params"]))

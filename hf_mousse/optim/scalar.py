@@ -1,0 +1,51 @@
+"""The scalar path: AdamW (default) or Lion for embeddings, the output head, norms and biases.
+
+Multi-tensor (foreach) implementations over a group's parameters. State is fp32 at least, and
+the update is applied in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALAR_OPTIMIZERS = ("adamw", "lion")
+
+
+def init_state(state: dict, p: torch.Tensor, kind: str, state_dtype: torch.dtype) -> None:
+    state["step"] = 0
+    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
+    if kind == "adamw":
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
+
+
+def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float) -> None:
+    """torch.optim.AdamW's update (decoupled decay, bias correction), with per-parameter steps."""
+    b1, b2 = betas
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+    torch._foreach_mul_(exp_avg_sqs, b2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
+    if shrink != 1.0:
+        torch._foreach_mul_(params, shrink)
+    steps = [s["step"] for s in states]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(1 - b2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, [-lr / (1 - b1**t) for t in steps])
+    torch._foreach_add_(params, updates)
+
+
+def lion(params, grads, states, *, lr: float, betas, shrink: float) -> None:
+    """Lion: u = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; W <- W*shrink - lr*u."""
+    b1, b2 = betas
+    exp_avgs = [s["exp_avg"] for s in states]
+    updates = torch._foreach_lerp(exp_avgs, grads, 1 - b1)
+    torch._foreach_sign_(updates)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - b2)
+    if shrink != 1.0:
+        torch._foreach_mul_(params, shrink)
+    torch._foreach_add_(params, updates, alpha=-lr)
