@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Optimizer-step time, side by side in one run: torch.optim.Muon, hf_mousse (Muon, Mousse, MiMuon)
+and torch.optim.AdamW on the hidden matrices of GPT-2-124M and / or Qwen3-0.6B.
+
+This is a benchmark, not a test: it asserts nothing about timings. Every optimizer gets its own
+fresh copy of the same parameters and the same random gradients (fixed seed, set once; step() does
+not zero them). No model, no forward/backward, no tokens: only ``opt.step()`` is timed.
+
+    python benchmarks/step_time.py                      # CUDA if available, else small CPU run
+    python benchmarks/step_time.py --device cpu --set gpt2 --layers 2 --scale 0.25
+    python benchmarks/step_time.py --only torch_muon,hf_muon --iters 100
+
+See benchmarks/README.md for what the columns mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+import hf_mousse  # noqa: E402
+
+# (out, in) nn.Linear layout, per layer.
+PARAM_SETS = {
+    "gpt2": dict(
+        title="GPT-2-124M hidden matrices",
+        layers=12,
+        shapes={"attn.c_attn (fused qkv)": (2304, 768), "attn.c_proj": (768, 768),
+                "mlp.c_fc": (3072, 768), "mlp.c_proj": (768, 3072)},
+    ),
+    "qwen3": dict(
+        title="Qwen3-0.6B hidden matrices",
+        layers=28,
+        shapes={"q_proj": (2048, 1024), "k_proj": (1024, 1024), "v_proj": (1024, 1024),
+                "o_proj": (1024, 2048), "gate_proj": (3072, 1024), "up_proj": (3072, 1024),
+                "down_proj": (1024, 3072)},
+    ),
+}
+
+LR = 0.02
+ADAMW_LR = 1e-3
+TARGET_RATIO = 0.7  # hf_mousse.Muon step <= 0.7x torch.optim.Muon on GPT-2-124M shapes
+
+
+def optimizers(device: torch.device) -> list[dict]:
+    """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses."""
+    auto = "bf16" if device.type == "cuda" else "fp32"  # what hf_mousse's ns_dtype="auto" resolves to
+    rows = [
+        dict(key="torch_muon", label="torch.optim.Muon", ns="bf16",
+             make=lambda ps: torch.optim.Muon(ps, lr=LR)),
+        dict(key="hf_muon", label="hf_mousse.Muon", ns=auto,
+             make=lambda ps: hf_mousse.Muon(ps, lr=LR)),
+    ]
+    if device.type != "cuda":  # on CUDA the row above is already bf16, like torch's
+        rows.append(dict(key="hf_muon_bf16", label="hf_mousse.Muon(ns_dtype=bf16)", ns="bf16",
+                         make=lambda ps: hf_mousse.Muon(ps, lr=LR, ns_dtype="bfloat16")))
+    rows += [
+        dict(key="mousse_both", label="hf_mousse.Mousse(sides=both)", ns=auto,
+             make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="both")),
+        dict(key="mousse_left", label="hf_mousse.Mousse(sides=left)", ns=auto,
+             make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="left")),
+        dict(key="mimuon", label="hf_mousse.MiMuon", ns=auto,
+             make=lambda ps: hf_mousse.MiMuon(ps, lr=LR)),
+        dict(key="adamw", label="torch.optim.AdamW", ns="-",
+             make=lambda ps: torch.optim.AdamW(ps, lr=ADAMW_LR)),
+    ]
+    return rows
+
+
+# ---------------------------------------------------------------------------- environment
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- parameters
+def build_shapes(name: str, layers: int, scale: float) -> list[tuple[str, tuple[int, int]]]:
+    spec = PARAM_SETS[name]
+    shrink = lambda d: max(2, round(d * scale))  # noqa: E731
+    return [(f"layers.{i}.{n}", (shrink(o), shrink(k)))
+            for i in range(layers) for n, (o, k) in spec["shapes"].items()]
+
+
+def make_data(shapes, device, seed: int):
+    """Master parameters and gradients (fp32), generated once with a fixed seed."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = [(torch.randn(s, generator=gen) * 0.02).to(device) for _, s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for _, s in shapes]
+    return params, grads
+
+
+def refresh_period(opt) -> int | None:
+    """Steps between Mousse eigenbasis refreshes / MiMuon gap tests (None: no periodic extra work)."""
+    for g in opt.param_groups:
+        period = g.get("refresh_every") or g.get("gap_every")
+        if period:
+            return period
+    return None
+
+
+# ---------------------------------------------------------------------------- timing
+def time_one(row: dict, master_params, master_grads, device, warmup: int, iters: int) -> dict:
+    params = [torch.nn.Parameter(p.clone()) for p in master_params]
+    for p, g in zip(params, master_grads):
+        p.grad = g.clone()
+    opt = row["make"](params)
+    for _ in range(warmup):  # includes step 1: lazy state allocation (+ first refresh for Mousse)
+        opt.step()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    period = refresh_period(opt)
+    steps = range(warmup + 1, warmup + iters + 1)  # optimizer step numbers, 1-based
+    refresh = [period is not None and (period == 1 or t % period == 1) for t in steps]
+    plain = [t for t, r in zip(times, refresh) if not r] or times
+    result = dict(
+        key=row["key"], label=row["label"], ns_dtype=row["ns"],
+        median_ms=statistics.median(times),
+        median_no_refresh_ms=statistics.median(plain),
+        mean_ms=statistics.fmean(times),
+        refresh_every=period,
+        refresh_steps_timed=sum(refresh),
+        times_ms=times,
+        stats=opt.stats() if hasattr(opt, "stats") else None,
+    )
+    del opt, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_set(name: str, args, device, rows) -> dict:
+    spec = PARAM_SETS[name]
+    layers = args.layers if args.layers is not None else args.default_layers or spec["layers"]
+    shapes = build_shapes(name, layers, args.scale)
+    full = layers == spec["layers"] and args.scale == 1.0
+    unique = {}
+    for n, s in shapes[: len(spec["shapes"])]:
+        unique[n.split(".", 2)[2]] = s
+    print(f"\n=== {spec['title']}: {layers} layers x {len(spec['shapes'])} matrices "
+          f"= {len(shapes)} matrices, {sum(o * k for _, (o, k) in shapes) / 1e6:.2f}M params ===")
+    print("shapes per layer (out x in): " + ", ".join(f"{n} {o}x{k}" for n, (o, k) in unique.items()))
+    if not full:
+        print(f"NOTE: SHRUNK from the real model ({spec['layers']} layers, scale 1.0) to {layers} "
+              f"layers, every dimension x{args.scale:g}. Absolute times are not the real model's.")
+
+    master_params, master_grads = make_data(shapes, device, args.seed)
+    results = []
+    for row in rows:
+        t0 = time.perf_counter()
+        print(f"  timing {row['label']} ...", end="", flush=True)
+        results.append(time_one(row, master_params, master_grads, device, args.warmup, args.iters))
+        results[-1]["loadavg_1min_after"] = os.getloadavg()[0]
+        print(f" done in {time.perf_counter() - t0:.1f} s (load average {os.getloadavg()[0]:.2f})",
+              flush=True)
+    del master_params, master_grads
+
+    ref = next((r for r in results if r["key"] == "torch_muon"), None)
+    for r in results:
+        r["ratio_median"] = r["median_ms"] / ref["median_ms"] if ref else None
+        r["ratio_mean"] = r["mean_ms"] / ref["mean_ms"] if ref else None
+    print_table(results)
+    return dict(title=spec["title"], layers=layers, scale=args.scale, full_size=full,
+                shapes={n: list(s) for n, s in unique.items()}, num_matrices=len(shapes),
+                num_params=sum(o * k for _, (o, k) in shapes), results=results)
+
+
+def print_table(results: list[dict]) -> None:
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+    head = ["optimizer", "NS dtype", "median ms", "median ms", "mean ms", "ratio", "ratio"]
+    sub = ["", "", "(all)", "(no refresh)", "(all)", "median", "mean"]
+    lines = [[r["label"], r["ns_dtype"], f"{r['median_ms']:.2f}", f"{r['median_no_refresh_ms']:.2f}",
+              f"{r['mean_ms']:.2f}", fmt(r["ratio_median"]), fmt(r["ratio_mean"])] for r in results]
+    widths = [max(len(x[i]) for x in [head, sub, *lines]) for i in range(len(head))]
+    show = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    print()
+    print(show(head))
+    print(show(sub))
+    print("-" * len(show(head)))
+    for line in lines:
+        print(show(line))
+    print("ratio = time / torch.optim.Muon time in this run (median over median, mean over mean)")
+
+
+def target_check(device, sets: dict) -> dict | None:
+    """hf_mousse.Muon step <= 0.7x torch.optim.Muon on GPT-2-124M shapes, NS dtypes matched."""
+    if "gpt2" not in sets:
+        return None
+    res = {r["key"]: r for r in sets["gpt2"]["results"]}
+    key = "hf_muon" if device.type == "cuda" else "hf_muon_bf16"  # the row whose NS dtype is bf16
+    if "torch_muon" not in res or key not in res:
+        print("\nTarget check skipped: needs rows torch_muon and " + key)
+        return None
+    ratio = res[key]["ratio_median"]
+    met = ratio <= TARGET_RATIO
+    full = sets["gpt2"]["full_size"]
+    print(f"\nTarget: hf_mousse.Muon step <= {TARGET_RATIO}x torch.optim.Muon on GPT-2-124M shapes, "
+          f"same device, both with bf16 NS ({res[key]['label']} vs torch.optim.Muon):")
+    print(f"  median ratio {ratio:.3f} -> {'MET' if met else 'NOT MET'}"
+          + ("" if full else "  [NOT MEANINGFUL: shapes shrunk; the target is defined at full size, "
+                            "scale 1.0, 12 layers]"))
+    if device.type != "cuda":
+        print("  (on CPU, bf16 NS is emulated and ~60x slower than fp32; the target is meant for CUDA)")
+    return dict(row=key, ratio_median=ratio, target=TARGET_RATIO, met=met, meaningful=full)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args():
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--set", choices=["gpt2", "qwen3", "both"], default=None,
+                    help="parameter set (default: both on CUDA, gpt2 on CPU)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layer count override (default: the model's on CUDA, 2 on CPU)")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="shrink every dimension by this factor (default: 1.0 on CUDA, 0.25 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed steps, ideally a multiple of 10 (default: 50 CUDA, 10 CPU)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
+                         "mousse_both, mousse_left, mimuon, adamw")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: benchmarks/results/step_time-<device>-<set>.json)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    args.set = args.set or ("both" if on_cuda else "gpt2")
+    args.default_layers = None if on_cuda else 2  # CPU: keep the whole run to a few minutes
+    args.scale = args.scale if args.scale is not None else (1.0 if on_cuda else 0.25)
+    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
+    args.iters = args.iters if args.iters is not None else (50 if on_cuda else 10)
+    if args.warmup < 1 or args.iters < 1 or args.scale <= 0:
+        ap.error("--warmup and --iters must be >= 1 and --scale > 0")
+    return args, device
+
+
+def main():
+    args, device = parse_args()
+    rows = optimizers(device)
+    if args.only:
+        wanted = [k.strip() for k in args.only.split(",") if k.strip()]
+        unknown = set(wanted) - {r["key"] for r in rows}
+        if unknown:
+            sys.exit(f"unknown --only names {sorted(unknown)}; choose from {[r['key'] for r in rows]}")
+        rows = [r for r in rows if r["key"] in wanted]
+    names = ["gpt2", "qwen3"] if args.set == "both" else [args.set]
+
+    meta = dict(
+        device=str(device), device_name=device_name(device), torch=torch.__version__,
+        hf_mousse=hf_mousse.__version__, commit=git_commit(), python=platform.python_version(),
+        param_dtype="float32", set=args.set, warmup=args.warmup, iters=args.iters, seed=args.seed,
+        settings={"lr": LR, "adamw_lr": ADAMW_LR,
+                  "torch.optim.Muon": "lr=0.02, torch defaults (bf16 NS, Keller Jordan coeffs, 5 steps)",
+                  "hf_mousse": "lr=0.02, class defaults (ns_dtype='auto': bf16 on CUDA, fp32 elsewhere)",
+                  "torch.optim.AdamW": "lr=1e-3, foreach=None (torch's default choice)"},
+        loadavg_1min_at_start=os.getloadavg()[0],
+        rows={r["key"]: dict(label=r["label"], ns_dtype=r["ns"]) for r in rows},
+    )
+    print("Optimizer step time (only opt.step() is timed; no model, no tokens)")
+    print(f"device: {meta['device']} ({meta['device_name']})")
+    print(f"torch {meta['torch']}, hf_mousse {meta['hf_mousse']}, commit {meta['commit']}, "
+          f"params and grads float32")
+    print(f"warmup {args.warmup} steps, then {args.iters} timed steps per optimizer; "
+          f"timer: {'cuda.synchronize + ' if device.type == 'cuda' else ''}time.perf_counter")
+    print("Only 2-D hidden matrices (no embeddings, head, norms or biases): torch.optim.Muon rejects "
+          "anything else. Random gradients, fixed seed, set once; each optimizer gets fresh params.")
+    if device.type != "cuda":
+        load = meta["loadavg_1min_at_start"]
+        if load > 0.5:
+            print(f"WARNING: 1-min load average is {load:.2f} before starting: other processes are using "
+                  "the CPU,\n  and CPU timings (eigh especially) degrade badly under contention.")
+        print("FAIRNESS (CPU): torch.optim.Muon hard-codes bf16 Newton-Schulz, which is ~60x slower "
+              "than fp32 on\n  CPUs without bf16 units; hf_mousse defaults to fp32 NS on CPU. "
+              "Compare torch.optim.Muon with the\n  hf_mousse.Muon(ns_dtype=bf16) row for apples to "
+              "apples; the default rows use fp32 NS.")
+    else:
+        print("NS dtype: hf_mousse's ns_dtype='auto' is bf16 on CUDA, as in torch.optim.Muon.")
+    if args.iters % 10:
+        print(f"NOTE: --iters {args.iters} is not a multiple of 10, so the mean over-/under-weights "
+              "Mousse's eigenbasis refresh and MiMuon's gap test (every 10 steps).")
+    print("Mousse refreshes its eigenbasis, and MiMuon tests its gap, every 10 steps: 'mean' includes "
+          "those steps, 'median (no refresh)' excludes them.")
+
+    sets = {name: run_set(name, args, device, rows) for name in names}
+    target = target_check(device, sets)
+
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"step_time-{device.type}-{args.set}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, sets=sets, target=target), indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
