@@ -263,10 +263,15 @@ def parse_args():
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
                          "mousse_both, mousse_left, mimuon, adamw")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) (default: torch's choice); on a shared CPU, fewer "
+                         "threads than cores avoids OpenMP slowdowns under contention")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None,
                     help="JSON path (default: benchmarks/results/step_time-<device>-<set>.json)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     args.set = args.set or ("both" if on_cuda else "gpt2")

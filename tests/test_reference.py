@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from hf_mousse import MiMuon, Mousse, Muon
 
 SHAPES = {"square": (12, 12), "wide": (8, 20), "tall": (20, 8)}

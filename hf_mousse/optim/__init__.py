@@ -7,4 +7,6 @@ from .muon import Muon
 from .orthogonalize import NS_COEFFICIENTS, newton_schulz
 from .roles import param_groups
 
-__all__ = ["MiMuon", "Mousse", "Muon", "NS_COEFFICIENTS", "SpectralOptimizer", "newton_schulz", "param_groups"]
+__all__ = [
+    "MiMuon", "Mousse", "Muon", "NS_COEFFICIENTS", "SpectralOptimizer", "newton_schulz", "param_groups",
+]

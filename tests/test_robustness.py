@@ -1,0 +1,247 @@
+"""Section 8 of issue 2: skipped params, zero and non-finite gradients, validation, closures,
+bf16 parameters with fp32 state, state_dict round trips, eigh failures."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from hf_mousse import MiMuon, Mousse, Muon
+from hf_mousse.errors import InvalidHyperparameterError, NonFiniteGradientError, UnsupportedParameterError
+
+ALL = [Muon, Mousse, MiMuon]
+ids = [c.__name__ for c in ALL]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 12), (12, 8), (8, 12), (6,), (3, 8, 12)]  # two same-shape matrices, a vector, experts
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def set_grads(params, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_params_without_grad_are_skipped(cls):
+    params = make_params()
+    opt = cls(params, lr=0.02)
+    set_grads(params, 1)
+    params[1].grad = None
+    before = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1], before)
+    assert params[1] not in opt.state
+    assert not torch.equal(params[0], make_params()[0])
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_zero_gradients_give_no_nan(cls):
+    params = make_params()
+    opt = cls(params, lr=0.02, weight_decay=0.1, scalar_weight_decay=0.1)
+    init = [p.detach().clone() for p in params]
+    for _ in range(12):  # crosses Mousse's refreshes at t = 1 and 11 with all-zero factors
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, w in zip(params, init):
+        assert torch.isfinite(p).all()
+        # Only weight decay acts: W = W0 * (1 - lr * wd)^12.
+        torch.testing.assert_close(p.detach(), w * (1 - 0.02 * 0.1) ** 12)
+    assert opt.stats()["eigh_failures"] == 0
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_by_default_and_leaves_params(cls, bad):
+    params = make_params()
+    opt = cls([{"params": params, "param_names": [f"w{i}" for i in range(len(params))]}], lr=0.02)
+    set_grads(params, 1)
+    opt.step()
+    snapshot = [p.detach().clone() for p in params]
+    set_grads(params, 2)
+    params[2].grad[0, 0] = bad
+    with pytest.raises(NonFiniteGradientError, match="w2"):
+        opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(params, snapshot))
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_nonfinite_skip_mode_counts_and_skips(cls):
+    params = make_params()
+    opt = cls(params, lr=0.02, nonfinite="skip")
+    set_grads(params, 1)
+    params[3].grad[0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert opt.stats()["nonfinite_skips"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert len(opt.state) == 0
+    set_grads(params, 2)
+    opt.step()
+    assert opt.stats()["nonfinite_skips"] == 1
+    assert not torch.equal(params[0], before[0])
+
+
+BAD_HYPERPARAMETERS = [
+    (Muon, "lr", -1.0),
+    (Muon, "momentum", 1.0),
+    (Muon, "weight_decay", -0.1),
+    (Muon, "nesterov", "yes"),
+    (Muon, "ns", "newton"),
+    (Muon, "ns_steps", 0),
+    (Muon, "ns_dtype", "int8"),
+    (Muon, "adjust_lr", "rms"),
+    (Muon, "weight_decay_schedule", "cosine"),
+    (Muon, "scalar_optimizer", "sgd"),
+    (Muon, "betas", (0.9, 1.5)),
+    (Muon, "scalar_eps", 0.0),
+    (Muon, "nonfinite", "warn"),
+    (Mousse, "alpha", -0.1),
+    (Mousse, "beta", 1.0),
+    (Mousse, "refresh_every", 0),
+    (Mousse, "eps", 0.0),
+    (Mousse, "sides", "top"),
+    (Mousse, "grafting", "on"),
+    (MiMuon, "gap_threshold", -1.0),
+    (MiMuon, "gap_every", 0),
+    (MiMuon, "sgd_scale", "auto"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, key, value", BAD_HYPERPARAMETERS, ids=[f"{c.__name__}-{k}" for c, k, _ in BAD_HYPERPARAMETERS]
+)
+def test_invalid_hyperparameters_name_the_parameter(cls, key, value):
+    with pytest.raises(InvalidHyperparameterError, match=key) as info:
+        cls(make_params(), **{key: value})
+    assert isinstance(info.value, ValueError)
+
+
+def test_invalid_group_value_is_caught_too():
+    params = make_params()
+    with pytest.raises(InvalidHyperparameterError, match="alpha"):
+        Mousse([{"params": params[:1], "role": "matrix", "alpha": -1.0}])
+    with pytest.raises(UnsupportedParameterError, match="scalar"):
+        Muon([{"params": params[3:4], "role": "matrix"}])
+    with pytest.raises(UnsupportedParameterError, match="split=5"):
+        Muon([{"params": params[:1], "role": "matrix", "split": 5}])
+
+
+def test_sparse_gradient_is_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = Muon(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(UnsupportedParameterError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_step_closure_positional_and_keyword(cls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    opt = cls(model.parameters(), lr=0.02)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    second = opt.step(closure=closure)
+    assert isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+    assert second.item() < first.item()
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_bf16_params_keep_fp32_state_through_state_dict(cls):
+    params = make_params(torch.bfloat16)
+    opt = cls(params, lr=0.02)
+    for s in range(3):
+        set_grads(params, s)
+        opt.step()
+    for p in params:
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all()
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert value.dtype == torch.float32, key
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    other = cls(params, lr=0.02)
+    other.load_state_dict(loaded)
+    for p in params:
+        for key, value in other.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == opt.state[p][key].dtype, key
+                assert torch.equal(value, opt.state[p][key]), key
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_state_dict_round_trip_resumes_exactly(cls):
+    """7 steps, save, 8 more; versus a fresh optimizer loaded at step 7 doing the same 8 steps.
+    Steps 8-15 include Mousse's refresh at t = 11, so cached eigenbases must round-trip."""
+    kw = dict(lr=0.02, weight_decay=0.05, scalar_lr=0.01)
+    params = make_params()
+    opt = cls(params, **kw)
+    for s in range(7):
+        set_grads(params, s)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved_weights = [p.detach().clone() for p in params]
+    for s in range(7, 15):
+        set_grads(params, s)
+        opt.step()
+
+    resumed = [torch.nn.Parameter(w.clone()) for w in saved_weights]
+    opt2 = cls(resumed, **kw)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for s in range(7, 15):
+        set_grads(resumed, s)
+        opt2.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+    assert opt2.stats() == opt.stats()
+
+
+def test_eigh_float64_retry_and_failure_keep_training(monkeypatch):
+    params = make_params()[:3]
+    opt = Mousse(params, lr=0.02, refresh_every=1)
+    set_grads(params, 0)
+    opt.step()
+    basis = opt.state[params[0]]["kron_left_eigvecs"].clone()
+    real_eigh = torch.linalg.eigh
+
+    def fp32_fails(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated: fp32 eigh did not converge")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fp32_fails)
+    set_grads(params, 1)
+    opt.step()
+    stats = opt.stats()
+    assert stats["eigh_fp64_retries"] > 0 and stats["eigh_failures"] == 0
+    assert not torch.equal(opt.state[params[0]]["kron_left_eigvecs"], basis)
+
+    def always_fails(a, *args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated: eigh did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", always_fails)
+    basis = opt.state[params[0]]["kron_left_eigvecs"].clone()
+    before = params[0].detach().clone()
+    set_grads(params, 2)
+    opt.step()  # does not raise
+    assert opt.stats()["eigh_failures"] == 6  # 3 matrices x 2 sides, old bases kept
+    assert torch.equal(opt.state[params[0]]["kron_left_eigvecs"], basis)
+    assert torch.isfinite(params[0]).all() and not torch.equal(params[0], before)
