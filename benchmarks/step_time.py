@@ -206,7 +206,7 @@ def run_set(name: str, args, device, rows) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}x"  # noqa: E731
     head = ["optimizer", "NS dtype", "median ms", "median ms", "mean ms", "ratio", "ratio"]
     sub = ["", "", "(all)", "(no refresh)", "(all)", "median", "mean"]
     lines = [[r["label"], r["ns_dtype"], f"{r['median_ms']:.2f}", f"{r['median_no_refresh_ms']:.2f}",
@@ -279,8 +279,8 @@ def parse_args():
     args.scale = args.scale if args.scale is not None else (1.0 if on_cuda else 0.25)
     args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
     args.iters = args.iters if args.iters is not None else (50 if on_cuda else 10)
-    if args.warmup < 1 or args.iters < 1 or args.scale <= 0:
-        ap.error("--warmup and --iters must be >= 1 and --scale > 0")
+    if args.warmup < 1 or args.iters < 1 or args.scale <= 0 or (args.layers is not None and args.layers < 1):
+        ap.error("--warmup, --iters and --layers must be >= 1 and --scale > 0")
     return args, device
 
 
@@ -317,7 +317,7 @@ def main():
     if device.type != "cuda":
         load = meta["loadavg_1min_at_start"]
         if load > 0.5:
-            print(f"WARNING: 1-min load average is {load:.2f} before starting: other processes are using "
+            print(f"WARNING: 1-min load average is {load:.2f} before starting: other processes may be using "
                   "the CPU,\n  and CPU timings (eigh especially) degrade badly under contention.")
         print("FAIRNESS (CPU): torch.optim.Muon hard-codes bf16 Newton-Schulz, which is ~60x slower "
               "than fp32 on\n  CPUs without bf16 units; hf_mousse defaults to fp32 NS on CPU. "

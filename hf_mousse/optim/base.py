@@ -91,9 +91,9 @@ class Bucket:
 
     def rows(self, indices: list[int]) -> torch.Tensor:
         """Block indices (into the stack) of the given parameters."""
-        return torch.cat(
-            [torch.arange(self.offsets[i], self.offsets[i] + self.counts[i]) for i in indices]
-        ).to(self.x.device)
+        dev = self.x.device
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.counts[i], device=dev)
+                          for i in indices])
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
