@@ -40,13 +40,24 @@ OPTIMIZERS = {
 }
 
 
+def train(model, opt, batches) -> list[float]:
+    """One optimizer step per batch of token ids (labels = inputs); returns the losses."""
+    losses = []
+    for x in batches:
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = byte_corpus()
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(data) - args.seq, (args.steps, args.batch), generator=g)
@@ -58,14 +69,7 @@ def main(argv=None) -> None:
         model = tiny_gpt2(seed=0)
         opt = make(model)
         t0 = time.perf_counter()
-        losses = []
-        for x in batches:
-            loss = model(x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves[name] = losses
+        curves[name] = losses = train(model, opt, batches)
         print(f"{name:>7}: loss {losses[0]:.3f} -> {losses[-1]:.3f}  ({time.perf_counter() - t0:.1f}s)")
     marks = sorted({0, *range(9, args.steps, 10), args.steps - 1})
     print("\nstep  " + "  ".join(f"{n:>7}" for n in curves))

@@ -208,3 +208,11 @@ def test_weight_decay_schedules(schedule):
         opt.step()
         sched.step()
     torch.testing.assert_close(p.detach(), torch.full((4, 4), expected))
+
+
+def test_optim_package_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, hf_mousse.optim; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_mousse import MiMuon, Mousse, Muon
-from hf_mousse.quickstart import byte_corpus
+from hf_mousse.quickstart import byte_corpus, train
 
 OPTIMIZERS = {
     "muon": lambda m: Muon.for_model(m, lr=0.02, scalar_lr=3e-3),
@@ -34,14 +34,7 @@ def test_tiny_gpt2_loss_decreases(name, batches):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
-    opt = OPTIMIZERS[name](model)
-    losses = []
-    for x in batches:
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train(model, OPTIMIZERS[name](model), batches)
     first, last = losses[0], sum(losses[-10:]) / 10
     print(f"{name}: {first:.3f} -> {last:.3f}")
     assert first > 5.0  # ~ln(256) at initialisation
