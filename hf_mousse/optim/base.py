@@ -164,7 +164,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, g: dict) -> None:
         _check(g["role"] in ("matrix", "scalar"), "role", g["role"], "'matrix' or 'scalar'")
-        for key in ("lr", "weight_decay", "scalar_eps"):
+        for key in ("lr", "weight_decay"):
             v = g[key]
             _check(isinstance(v, (int, float)) and v >= 0, key, v, "a float >= 0")
         _check(g["scalar_eps"] > 0, "scalar_eps", g["scalar_eps"], "a float > 0")

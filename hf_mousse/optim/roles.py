@@ -16,7 +16,6 @@ A matrix parameter is described by two param-group keys:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -174,9 +173,3 @@ def param_groups(
         groups.append(g)
     return groups
 
-
-def iter_named(groups: Iterable[dict]):
-    """Yield (name or None, param, group) over param groups."""
-    for g in groups:
-        names = g.get("param_names") or [None] * len(g["params"])
-        yield from ((n, p, g) for n, p in zip(names, g["params"]))
