@@ -87,9 +87,13 @@ class MiMuon(Muon):
         group = bucket.group
         d = bucket.x  # fp32
         period = group["gap_every"]
-        for st, o, k in zip(bucket.states, bucket.offsets, bucket.counts):
-            if period == 1 or st["step"] % period == 1:
-                st["muon_branch"].copy_(relative_gap(d[o : o + k]) >= group["gap_threshold"])
+        due = [i for i, st in enumerate(bucket.states) if period == 1 or st["step"] % period == 1]
+        if due:  # one batched eigvalsh for every matrix tested this step
+            passed = (relative_gap(d[bucket.rows(due)]) >= group["gap_threshold"]).split(
+                [bucket.counts[i] for i in due])
+            for i, ok in zip(due, passed):
+                bucket.states[i]["muon_branch"].copy_(ok)
+        for st in bucket.states:
             st["muon_branch_steps"].add_(st["muon_branch"])
         branch = bucket.cat_state("muon_branch")[:, None, None]
         _, m, n = d.shape
