@@ -17,3 +17,15 @@ class UnsupportedParameterError(HfMousseError, TypeError):
 
 class NonFiniteGradientError(HfMousseError, RuntimeError):
     """A gradient holds inf or NaN and the optimizer was told to refuse it."""
+
+
+class CheckpointError(HfMousseError, ValueError):
+    """An optimizer checkpoint is unreadable, corrupted, or belongs to another model or optimizer."""
+
+
+class RegistrationError(HfMousseError, RuntimeError):
+    """hf_mousse cannot register its optimizers into this version of transformers."""
+
+
+class UnsupportedSetupError(HfMousseError, ValueError):
+    """A training setup the optimizer cannot run correctly in (DeepSpeed ZeRO, FSDP1)."""

@@ -112,6 +112,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.eigh_stats = EighStats()
         self.nonfinite_skips = 0
+        self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
+        self._update_sq: dict[str, torch.Tensor] = {}  # role -> sum of squared applied updates
+        self._update_numel: dict[str, int] = defaultdict(int)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and validation
@@ -332,10 +335,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
                  for p, s in zip(params, states)]
         shrink = decay_shrink(group)
         if kind == "adamw":
-            scalar_path.adamw(params, grads, states, lr=group["lr"], betas=group["betas"],
-                              eps=group["scalar_eps"], shrink=shrink)
+            updates = scalar_path.adamw(params, grads, states, lr=group["lr"], betas=group["betas"],
+                                        eps=group["scalar_eps"], shrink=shrink)
         else:
-            scalar_path.lion(params, grads, states, lr=group["lr"], betas=group["betas"], shrink=shrink)
+            updates = scalar_path.lion(params, grads, states, lr=group["lr"], betas=group["betas"],
+                                       shrink=shrink)
+        if self.diagnostics_enabled:
+            self._record_update("scalar", updates)
 
     def _ns_dtype(self, group: dict, device: torch.device) -> torch.dtype:
         name = group["ns_dtype"]
@@ -357,6 +363,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
         layout, split = group["layout"], group["split"]
         states = []
         for p in params:
+            if p.ndim < 2:
+                raise UnsupportedParameterError(
+                    f"a matrix-path parameter arrived with shape {tuple(p.shape)}: something flattened it "
+                    "after the optimizer was built (DeepSpeed ZeRO or FSDP1). Use FSDP2 or DDP"
+                )
             st = self.state[p]
             if not st:
                 st["step"] = 0
@@ -395,3 +406,32 @@ class SpectralOptimizer(torch.optim.Optimizer):
             updates = [from_blocks(update[o : o + k], layout, p.shape)
                        for p, o, k in zip(ps, bucket.offsets, counts)]
             torch._foreach_add_(ps, updates, alpha=-group["lr"] * ratio)
+            if self.diagnostics_enabled:
+                self._record_update("matrix", [update * (group["lr"] * ratio)])
+
+    # ------------------------------------------------------------------ diagnostics
+    def _record_update(self, role: str, updates: list[torch.Tensor]) -> None:
+        sq = torch.stack(torch._foreach_norm(updates)).float().square().sum()
+        self._update_sq[role] = self._update_sq[role] + sq if role in self._update_sq else sq
+        self._update_numel[role] += sum(u.numel() for u in updates)
+
+    def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
+        """Subclass hook: extra diagnostics as 0-d tensors (read on the host by diagnostics())."""
+        return {}
+
+    def diagnostics(self) -> dict[str, float]:
+        """RMS of the applied updates per role since the last call, counters and algorithm
+        statistics, keyed for loggers (``optim/...``). Reads the device once; collects nothing
+        unless ``diagnostics_enabled`` is set."""
+        out = {f"optim/update_rms/{role}": (sq / self._update_numel[role]).sqrt()
+               for role, sq in self._update_sq.items()}
+        out.update(self._algorithm_diagnostics())
+        self._update_sq.clear()
+        self._update_numel.clear()
+        values = []
+        if out:  # one device-to-host copy for all values
+            dev = next(iter(out.values())).device
+            values = torch.stack([v.float().to(dev) for v in out.values()]).tolist()
+        result = dict(zip(out, values))
+        result.update({f"optim/{k}": v for k, v in self.stats().items()})
+        return result

@@ -104,6 +104,13 @@ class MiMuon(Muon):
             sgd = sgd * (math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(d.dtype).tiny))
         return torch.where(branch, muon, sgd), 1.0
 
+    def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
+        """Share of matrix blocks currently on the Muon branch."""
+        branches = [st["muon_branch"] for st in self.state.values() if "muon_branch" in st]
+        if not branches:
+            return {}
+        return {"optim/muon_branch_share": torch.cat(branches).float().mean()}
+
     def muon_branch_fraction(self) -> dict[str, float]:
         """Fraction of steps each matrix (by name, or index) took the Muon branch. Syncs."""
         out = {}

@@ -78,6 +78,16 @@ class Mousse(Muon):
     def _sides(group: dict) -> list[str]:
         return {"both": ["left", "right"], "left": ["left"], "right": ["right"]}[group["sides"]]
 
+    def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
+        """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""
+        out = {}
+        for side in ("left", "right"):
+            conds = [(v.amax(-1) / v.amin(-1)).amax() for st in self.state.values()
+                     if (v := st.get(f"kron_{side}_eigvals")) is not None]
+            if conds:
+                out[f"optim/kron_{side}_cond_max"] = torch.stack(conds).amax()
+        return out
+
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
         for side in self._sides(group):

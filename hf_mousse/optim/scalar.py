@@ -20,8 +20,9 @@ def init_state(state: dict, p: torch.Tensor, kind: str, state_dtype: torch.dtype
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
 
 
-def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float) -> None:
-    """torch.optim.AdamW's update (decoupled decay, bias correction), with per-parameter steps."""
+def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float) -> list[torch.Tensor]:
+    """torch.optim.AdamW's update (decoupled decay, bias correction), with per-parameter steps.
+    Returns the applied updates (for diagnostics)."""
     b1, b2 = betas
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -37,10 +38,12 @@ def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float)
     updates = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(updates, [-lr / (1 - b1**t) for t in steps])
     torch._foreach_add_(params, updates)
+    return updates
 
 
-def lion(params, grads, states, *, lr: float, betas, shrink: float) -> None:
-    """Lion: u = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; W <- W*shrink - lr*u."""
+def lion(params, grads, states, *, lr: float, betas, shrink: float) -> list[torch.Tensor]:
+    """Lion: u = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; W <- W*shrink - lr*u.
+    Returns the applied updates -lr*u (for diagnostics)."""
     b1, b2 = betas
     exp_avgs = [s["exp_avg"] for s in states]
     updates = torch._foreach_lerp(exp_avgs, grads, 1 - b1)
@@ -48,4 +51,6 @@ def lion(params, grads, states, *, lr: float, betas, shrink: float) -> None:
     torch._foreach_lerp_(exp_avgs, grads, 1 - b2)
     if shrink != 1.0:
         torch._foreach_mul_(params, shrink)
-    torch._foreach_add_(params, updates, alpha=-lr)
+    torch._foreach_mul_(updates, -lr)
+    torch._foreach_add_(params, updates)
+    return updates

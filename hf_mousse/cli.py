@@ -1,0 +1,58 @@
+"""The ``hf-mousse`` command line.
+
+    hf-mousse run SCRIPT.py [ARGS...]       run an unmodified script with --optim mousse|muon|mimuon valid
+    hf-mousse run -m MODULE [ARGS...]       the same for a module (like python -m)
+    python -m hf_mousse SCRIPT.py [ARGS...] shorthand for ``run``; also under accelerate launch / torchrun
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+USAGE = __doc__
+
+
+def run(target: str, args: list[str], *, module: bool = False) -> None:
+    """Register our optimizer names, then execute ``target`` as ``__main__`` with ``sys.argv``
+    set as ``python target args...`` would set it."""
+    from .integration.registry import register
+
+    register()
+    if module:
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+        return
+    if not os.path.isfile(target):
+        raise SystemExit(f"hf-mousse run: no such script: {target!r}")
+    sys.argv = [target, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python SCRIPT` sets it
+    runpy.run_path(target, run_name="__main__")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-mousse", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a training script with hf_mousse's optimizer names registered")
+    p_run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name")
+    p_run.add_argument("target", help="script path (or module name with -m)")
+    p_run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = _parser().parse_args(argv)
+    if ns.command == "run":
+        run(ns.target, ns.args, module=ns.module)
+
+
+def module_main(argv: list[str]) -> None:
+    """``python -m hf_mousse``: a script path (or -m MODULE) first means ``run``."""
+    if argv and (argv[0] == "-m" or argv[0].endswith(".py") or os.path.isfile(argv[0])):
+        main(["run", *argv])
+    else:
+        main(argv)

@@ -1,0 +1,217 @@
+"""Optimizer state <-> ``optimizer.safetensors``, keyed by parameter name (DESIGN.md).
+
+Tensors are stored as ``state/<param name>/<key>`` in their own dtype (fp32 factors stay fp32).
+The header holds the format name and version, the optimizer class, every param group's
+hyperparameters with its parameter names, the non-tensor state (step counters), the optimizer's
+counters, library versions and a CRC32 of the tensor bytes. Loading matches by name and refuses
+anything that does not fit: another model, another optimizer, a truncated or corrupted file.
+Nothing here needs pickle, and files are written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+FORMAT = "hf_mousse.optimizer"
+FORMAT_VERSION = "1"
+_NOT_HYPERPARAMETERS = ("params", "param_names")
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dfd = os.open(directory, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_save(save: Callable[[str], None], path: str) -> None:
+    with atomic_path(path) as tmp:
+        save(tmp)
+
+
+def parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> list[list[str]]:
+    """Names of each group's parameters: the group's ``param_names``, else looked up in ``model``."""
+    by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    out = []
+    for i, g in enumerate(optimizer.param_groups):
+        names = g.get("param_names")
+        if names is None:
+            names = [by_id.get(id(p)) for p in g["params"]]
+        if any(n is None for n in names):
+            raise CheckpointError(
+                f"param group {i} has parameters without names, so their state cannot be saved by name; "
+                "build the optimizer from hf_mousse.param_groups(model) (or Optimizer.for_model) or pass "
+                "the model they belong to"
+            )
+        out.append(list(names))
+    flat = [n for names in out for n in names]
+    if len(set(flat)) != len(flat):
+        raise CheckpointError("a parameter appears twice in the optimizer's param groups")
+    return out
+
+
+def _crc32(tensors: dict[str, torch.Tensor]) -> str:
+    crc = 0
+    for key in sorted(tensors):
+        crc = zlib.crc32(tensors[key].reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"hf_mousse": __version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # plain PyTorch use
+        pass
+    return out
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
+    """Write ``optimizer``'s full state to ``path`` (safetensors), atomically."""
+    names = parameter_names(optimizer, model)
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    groups = []
+    for saved, group_names in zip(sd["param_groups"], names):
+        for idx, name in zip(saved["params"], group_names):
+            for key, value in sd["state"].get(idx, {}).items():
+                if isinstance(value, torch.Tensor):
+                    # A copy: safetensors refuses shared or strided storage, and GPU tensors move to CPU.
+                    tensors[f"state/{name}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        hyper = {k: v for k, v in saved.items() if k not in _NOT_HYPERPARAMETERS}
+        groups.append({**hyper, "param_names": group_names})
+    try:
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "optimizer": type(optimizer).__name__,
+            "param_groups": json.dumps(groups),
+            "scalars": json.dumps(scalars),
+            "stats": json.dumps(sd.get("hf_mousse_stats") or {}),
+            "versions": json.dumps(_versions()),
+            "crc32": _crc32(tensors),
+        }
+    except TypeError as e:
+        raise CheckpointError(f"optimizer state holds a value safetensors metadata cannot store: {e}") from None
+    atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+
+
+def read_optimizer_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header metadata, tensors) of an optimizer file, after format and checksum checks."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no optimizer state file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
+            "corrupted. Resume from an earlier checkpoint"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an hf_mousse optimizer state "
+                              f"(format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {metadata.get('format_version')!r}; this "
+                              f"hf_mousse reads version {FORMAT_VERSION}. Upgrade hf_mousse")
+    if _crc32(tensors) != metadata.get("crc32"):
+        raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupted. Resume from an "
+                              "earlier checkpoint")
+    return metadata, tensors
+
+
+def _differences(expected: list[str], found: list[str]) -> str:
+    missing = [n for n in expected if n not in set(found)]
+    unexpected = [n for n in found if n not in set(expected)]
+    parts = []
+    if missing:
+        parts.append(f"missing from the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        parts.append(f"not in this model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return "; ".join(parts) or "same names in another grouping or order"
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
+    """Restore ``optimizer`` from ``path`` written by :func:`save_optimizer`.
+
+    Raises :class:`~hf_mousse.errors.CheckpointError` (and leaves the optimizer untouched) when the
+    file is unreadable, from another optimizer class, or from a model whose trainable parameters,
+    grouping or shapes differ.
+    """
+    metadata, tensors = read_optimizer_file(path)
+    if metadata["optimizer"] != type(optimizer).__name__:
+        raise CheckpointError(f"{path} holds {metadata['optimizer']} state but the optimizer is "
+                              f"{type(optimizer).__name__}; resume with the optimizer that wrote it")
+    names = parameter_names(optimizer, model)
+    saved_groups = json.loads(metadata["param_groups"])
+    saved_names = [g["param_names"] for g in saved_groups]
+    if saved_names != names:
+        raise CheckpointError(
+            f"{path} was written for different parameters (another model, other trainable parameters "
+            f"or another grouping): {_differences(sum(names, []), sum(saved_names, []))}"
+        )
+    scalars = json.loads(metadata["scalars"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {n: i for i, n in enumerate(sum(names, []))}
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        prefix, _, rest = key.partition("/")
+        name, _, field = rest.rpartition("/")
+        if prefix != "state" or name not in index:
+            raise CheckpointError(f"{path} has an entry {key!r} for no parameter of this optimizer")
+        state.setdefault(index[name], {})[field] = t
+    for name, values in scalars.items():
+        if name not in index:
+            raise CheckpointError(f"{path} has step counters for {name!r}, which is not in this optimizer")
+        state.setdefault(index[name], {}).update(values)
+    for i, st in state.items():
+        p = params[i]
+        for field in ("momentum", "exp_avg", "exp_avg_sq"):  # the parameter-shaped entries
+            if field in st and tuple(st[field].shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{path}: {sum(names, [])[i]!r} has {field} of shape {tuple(st[field].shape)} but the "
+                    f"parameter has shape {tuple(p.shape)}; the file is from a different model"
+                )
+    groups, start = [], 0
+    for g in saved_groups:
+        n = len(g["param_names"])
+        hyper = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k not in _NOT_HYPERPARAMETERS}
+        groups.append({**hyper, "params": list(range(start, start + n))})
+        start += n
+    optimizer.load_state_dict({"state": state, "param_groups": groups,
+                               "hf_mousse_stats": json.loads(metadata["stats"]) or None})

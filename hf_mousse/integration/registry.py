@@ -1,0 +1,156 @@
+"""Make ``optim="mousse" | "muon" | "mimuon"`` valid everywhere transformers checks the name.
+
+transformers 5.x rejects an unknown name in three places (HF_INTEGRATION_FACTS.md §1): the
+``OptimizerNames`` enum (argparse choices, ``TrainingArguments.__post_init__``, unpickling
+``training_args.bin``), the handler table ``trainer_optimizer._OPTIMIZER_HANDLERS`` and
+``Trainer.get_optimizer_cls_and_kwargs``. We add enum members and handlers and install the
+Trainer hooks (:mod:`.trainer_hooks`).
+
+``import hf_mousse`` arms a post-import hook, so each transformers module is patched when it is
+first imported, without importing transformers early (that takes seconds). ``register()`` does the
+same eagerly and raises when this transformers version's internals are unknown; the import hook
+only warns then.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+from ..errors import RegistrationError
+
+NAMES = ("mousse", "muon", "mimuon")
+SUPPORTED = ((5, 17), (6, 0))  # [low, high): versions whose internals were read; tested on 5.23
+_owned: set[str] = set()  # names whose enum member we created (others belong to transformers)
+_skipped: set[str] = set()
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_version() -> None:
+    import transformers
+
+    v = _version_tuple(transformers.__version__)
+    low, high = SUPPORTED
+    if not low <= v < high:
+        raise RegistrationError(
+            f"hf_mousse.register() knows the internals of transformers {low[0]}.{low[1]} to <{high[0]}.{high[1]} "
+            f"and found {transformers.__version__}. Install 'transformers>={low[0]}.{low[1]},<{high[0]}', or skip "
+            "registration and pass the optimizer yourself: Trainer(optimizers=(hf_mousse.Mousse.for_model(model), "
+            "None)) or Trainer(optimizer_cls_and_kwargs=hf_mousse.MousseConfig().for_trainer(args))"
+        )
+
+
+# ---------------------------------------------------------------------------- the three patches
+def _add_enum_members(training_args) -> None:
+    enum = training_args.OptimizerNames
+    for value in NAMES:
+        if value in _owned or value in _skipped:
+            continue
+        if value in enum._value2member_map_:
+            # transformers ships its own optimizer of this name: never replace it silently.
+            _skipped.add(value)
+            warnings.warn(
+                f"transformers already defines optim={value!r}; hf_mousse leaves it alone. Use hf_mousse's "
+                f"through Trainer(optimizer_cls_and_kwargs=hf_mousse.{value.capitalize()}Config().for_trainer(args))",
+                stacklevel=2,
+            )
+            continue
+        member = str.__new__(enum, value)
+        member._name_, member._value_, member.__objclass__ = value.upper(), value, enum
+        if hasattr(enum, "_add_member_"):  # Python >= 3.13
+            enum._add_member_(value.upper(), member)
+        else:
+            enum._member_map_[value.upper()] = member
+            enum._member_names_.append(value.upper())
+        enum._value2member_map_[value] = member
+        _owned.add(value)
+
+
+def _add_handlers(trainer_optimizer) -> None:
+    from .trainer_hooks import handler
+
+    for value in _owned:
+        trainer_optimizer._OPTIMIZER_HANDLERS[trainer_optimizer.OptimizerNames(value)] = handler
+
+
+def _patch_trainer(trainer) -> None:
+    from .trainer_hooks import patch
+
+    patch(trainer.Trainer)
+
+
+_PATCHES = {
+    "transformers.training_args": _add_enum_members,
+    "transformers.trainer_optimizer": _add_handlers,
+    "transformers.trainer": _patch_trainer,
+}
+_done: set[str] = set()
+
+
+def _apply(module_name: str, module, *, strict: bool) -> None:
+    if module_name in _done:
+        return
+    try:
+        check_version()
+        _PATCHES[module_name](module)
+    except Exception as e:
+        if strict:
+            raise
+        warnings.warn(f"hf_mousse could not patch {module_name}: {e}", stacklevel=2)
+        return
+    _done.add(module_name)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs our patch right after a watched transformers module finishes executing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _PATCHES or fullname in _done:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _apply(fullname, module, strict=False)
+
+        spec.loader.exec_module = exec_and_patch  # per-module loader instance
+        return spec
+
+
+def install_import_hook() -> None:
+    """Patch already-imported transformers modules now and the others when they are imported."""
+    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportHook())
+    for name in _PATCHES:
+        if name in sys.modules:
+            _apply(name, sys.modules[name], strict=False)
+
+
+def register() -> None:
+    """Make ``optim="mousse" | "muon" | "mimuon"`` valid in transformers (idempotent).
+
+    Raises :class:`~hf_mousse.errors.RegistrationError` on a transformers version whose internals
+    hf_mousse does not know.
+    """
+    check_version()
+    for name in _PATCHES:  # order matters: the enum before the handler table
+        module = importlib.import_module(name)
+        _apply(name, module, strict=True)
+
+
+def registered_names() -> tuple[str, ...]:
+    return tuple(n for n in NAMES if n in _owned)
