@@ -56,7 +56,8 @@ def atomic_save(save: Callable[[str], None], path: str) -> None:
         save(tmp)
 
 
-def parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> list[list[str]]:
+def parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
+                    ) -> list[list[str]]:
     """Names of each group's parameters: the group's ``param_names``, else looked up in ``model``."""
     by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     out = []
@@ -126,7 +127,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
             "crc32": _crc32(tensors),
         }
     except TypeError as e:
-        raise CheckpointError(f"optimizer state holds a value safetensors metadata cannot store: {e}") from None
+        raise CheckpointError(f"optimizer state holds a value the file header cannot store: {e}") from None
     atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
 
 

@@ -59,7 +59,8 @@ class SpectralConfig:
 
     optimizer_cls: typing.ClassVar[type[SpectralOptimizer]]
     name: typing.ClassVar[str]
-    _ROLE_KEYS: typing.ClassVar[tuple[str, ...]] = ("split_fused", "embedding_lr", "head_lr", "log_diagnostics")
+    _ROLE_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "split_fused", "embedding_lr", "head_lr", "log_diagnostics")
 
     def optimizer_kwargs(self) -> dict:
         """Constructor keyword arguments (everything but the role and logging options)."""
@@ -226,7 +227,7 @@ def typed_fields() -> list[tuple[str, object, dataclasses.Field]]:
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         users = [c.name for c in CONFIGS.values() if k in c.keys()]
         help_text = f"hf_mousse option {k!r} ({'/'.join(users)}); see --optim_args"
-        out.append((TYPED_PREFIX + k, typing.Optional[base],  # noqa: UP007 (HfArgumentParser)
+        out.append((TYPED_PREFIX + k, typing.Optional[base],  # noqa: UP007, UP045 (HfArgumentParser)
                     field(default=None, metadata={"help": help_text})))
     return out
 

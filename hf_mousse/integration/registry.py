@@ -15,16 +15,15 @@ only warns then.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
 import warnings
 
 from ..errors import RegistrationError
+from .config import CONFIGS
 
 NAMES = ("mousse", "muon", "mimuon")
 SUPPORTED = ((5, 17), (6, 0))  # [low, high): versions whose internals were read; tested on 5.23
-_owned: set[str] = set()  # names whose enum member we created (others belong to transformers)
-_skipped: set[str] = set()
+_warned: set[str] = set()
 
 
 def _version_tuple(text: str) -> tuple[int, int]:
@@ -39,43 +38,58 @@ def check_version() -> None:
     low, high = SUPPORTED
     if not low <= v < high:
         raise RegistrationError(
-            f"hf_mousse.register() knows the internals of transformers {low[0]}.{low[1]} to <{high[0]}.{high[1]} "
-            f"and found {transformers.__version__}. Install 'transformers>={low[0]}.{low[1]},<{high[0]}', or skip "
-            "registration and pass the optimizer yourself: Trainer(optimizers=(hf_mousse.Mousse.for_model(model), "
-            "None)) or Trainer(optimizer_cls_and_kwargs=hf_mousse.MousseConfig().for_trainer(args))"
+            f"hf_mousse.register() knows the internals of transformers {low[0]}.{low[1]} to "
+            f"<{high[0]}.{high[1]} and found {transformers.__version__}. Install "
+            f"'transformers>={low[0]}.{low[1]},<{high[0]}', or skip registration and pass the optimizer "
+            "yourself: Trainer(optimizers=(hf_mousse.Mousse.for_model(model), None)) or "
+            "Trainer(optimizer_cls_and_kwargs=hf_mousse.MousseConfig().for_trainer(args))"
         )
 
 
 # ---------------------------------------------------------------------------- the three patches
+def _ours(member) -> bool:
+    return getattr(member, "_hf_mousse", False)
+
+
 def _add_enum_members(training_args) -> None:
     enum = training_args.OptimizerNames
     for value in NAMES:
-        if value in _owned or value in _skipped:
-            continue
-        if value in enum._value2member_map_:
-            # transformers ships its own optimizer of this name: never replace it silently.
-            _skipped.add(value)
-            warnings.warn(
-                f"transformers already defines optim={value!r}; hf_mousse leaves it alone. Use hf_mousse's "
-                f"through Trainer(optimizer_cls_and_kwargs=hf_mousse.{value.capitalize()}Config().for_trainer(args))",
-                stacklevel=2,
-            )
+        existing = enum._value2member_map_.get(value)
+        if existing is not None:
+            if not _ours(existing) and value not in _warned:
+                # transformers ships its own optimizer of this name: never replace it silently.
+                _warned.add(value)
+                warnings.warn(
+                    f"transformers already defines optim={value!r}; hf_mousse leaves it alone. Use "
+                    f"hf_mousse's through Trainer(optimizer_cls_and_kwargs="
+                    f"hf_mousse.{CONFIGS[value].__name__}().for_trainer(args))",
+                    stacklevel=2,
+                )
             continue
         member = str.__new__(enum, value)
         member._name_, member._value_, member.__objclass__ = value.upper(), value, enum
+        member._hf_mousse = True
         if hasattr(enum, "_add_member_"):  # Python >= 3.13
             enum._add_member_(value.upper(), member)
         else:
             enum._member_map_[value.upper()] = member
             enum._member_names_.append(value.upper())
         enum._value2member_map_[value] = member
-        _owned.add(value)
+
+
+def registered_names() -> tuple[str, ...]:
+    """The names that select hf_mousse's optimizers in this process."""
+    training_args = sys.modules.get("transformers.training_args")
+    if training_args is None:
+        return ()
+    members = training_args.OptimizerNames._value2member_map_
+    return tuple(n for n in NAMES if n in members and _ours(members[n]))
 
 
 def _add_handlers(trainer_optimizer) -> None:
     from .trainer_hooks import handler
 
-    for value in _owned:
+    for value in registered_names():
         trainer_optimizer._OPTIMIZER_HANDLERS[trainer_optimizer.OptimizerNames(value)] = handler
 
 
@@ -152,5 +166,3 @@ def register() -> None:
         _apply(name, module, strict=True)
 
 
-def registered_names() -> tuple[str, ...]:
-    return tuple(n for n in NAMES if n in _owned)

@@ -77,7 +77,8 @@ class TrainerOptimizerFactory:
 
 
 def trainer_kwargs(config, args) -> tuple[type, dict]:
-    """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` with ``args``' lr, decay and Adam settings."""
+    """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with ``args``' lr, weight
+    decay and Adam settings."""
     refuse_unsupported_engines(args)
     return TrainerOptimizerFactory, {
         "config": config,
@@ -94,7 +95,8 @@ def optimizer_cls_and_kwargs(args, model=None) -> tuple[type, dict]:
 
 
 def handler(ctx) -> tuple[type, dict]:
-    """Entry for transformers' ``_OPTIMIZER_HANDLERS``; ignores ``ctx.optim_args`` (strings, parsed leniently)."""
+    """Entry for transformers' ``_OPTIMIZER_HANDLERS``; ``ctx.optim_args`` (leniently parsed
+    strings) is ignored in favour of our parser."""
     return optimizer_cls_and_kwargs(ctx.args, ctx.model)
 
 

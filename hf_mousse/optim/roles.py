@@ -25,6 +25,16 @@ LAYOUTS = ("linear", "in_out", "conv")
 # Fused projections whose output rows are equal, contiguous blocks. ``square`` demands out == k * in
 # (multi-head attention with equal Q, K, V); grouped-query fusions are left whole, because their
 # blocks differ in size.
+# PEFT names: LoRA factors of an embedding and full trainable copies (modules_to_save, usually heads
+# or embeddings) train like embeddings, on the scalar path.
+PEFT_SCALAR_PARTS = frozenset({"lora_embedding_A", "lora_embedding_B", "modules_to_save"})
+
+# PEFT LoRA factors take the matrix path, A (r x in) and B (out x r) both, as in every measured
+# Muon-on-LoRA setup (README "PEFT"). For Mousse only the rank side is whitened: the other factor
+# is in x in (or out x out), as large as in full fine-tuning, while a rank-r gradient fills little
+# of it. Muon and MiMuon ignore the key.
+LORA_SIDES = {"lora_A": "left", "lora_B": "right"}
+
 DEFAULT_FUSED: dict[str, tuple[int, bool]] = {
     "c_attn": (3, True),  # GPT-2: split(n_embd, dim=2) -> q, k, v
     "qkv_proj": (3, True),  # Phi-3 (MHA variants)
@@ -107,7 +117,8 @@ def param_groups(
       not a token/position embedding or the output head, one group per (layout, split).
     * Scalar path (AdamW or Lion): embeddings (``nn.Embedding`` and ``get_input_embeddings()``),
       the output head (``get_output_embeddings()``, tied or not; a tied head is the embedding
-      itself and appears once), and every 1-D / 0-D parameter (norm gains, biases).
+      itself and appears once), every 1-D / 0-D parameter (norm gains, biases), and PEFT's
+      ``modules_to_save`` copies and LoRA factors of embeddings.
 
     Each group carries ``param_names`` so that state can be checkpointed by name. Options left at
     None are filled by the optimizer's defaults (``lr``/``weight_decay`` for matrices,
@@ -135,7 +146,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if id(p) in embedding_ids:
+        if id(p) in embedding_ids or not PEFT_SCALAR_PARTS.isdisjoint(name.split(".")):
             put(("embedding",), name, p, role="scalar", group_name="embedding")
             continue
         if id(p) in head_ids:
@@ -146,6 +157,12 @@ def param_groups(
         layout = default_layout(p) and _module_layout(module, p)
         if layout is None or min(matrix_dims(p.shape, layout)[1:]) < 2:
             put(("scalar",), name, p, role="scalar", group_name="scalar")
+            continue
+        lora = LORA_SIDES.keys() & set(name.split("."))
+        if lora:  # PEFT LoRA factor: whiten only the r x r side (see LORA_SIDES)
+            part = lora.pop()
+            put(("matrix", layout, part), name, p, role="matrix", layout=layout, split=1,
+                sides=LORA_SIDES[part], group_name=f"matrix.{part}")
             continue
         split = _fused_split(module_name.rpartition(".")[2], p.shape, layout, fused)
         put(

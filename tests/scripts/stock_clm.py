@@ -43,7 +43,8 @@ def build_model(args: ModelArguments):
         config = GPT2Config(vocab_size=256, n_positions=64, n_embd=args.hidden_size, n_layer=2, n_head=2,
                             bos_token_id=0, eos_token_id=0)
     else:
-        config = Qwen3Config(vocab_size=256, hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
+        h = args.hidden_size
+        config = Qwen3Config(vocab_size=256, hidden_size=h, intermediate_size=2 * h,
                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                              max_position_embeddings=64, tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(config)

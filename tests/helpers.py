@@ -1,0 +1,33 @@
+"""Tiny models built from configs and byte-level datasets from a local file (offline)."""
+
+from __future__ import annotations
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = 32):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=hidden, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def tiny_qwen3(seed: int = 0, hidden: int = 32):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=16, max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def byte_blocks(path: str, block: int = 32):
+    """The file's bytes as (train, eval) datasets of fixed-length blocks, labels = inputs."""
+    from datasets import Dataset
+
+    data = list(open(path, encoding="utf-8").read().encode("utf-8"))
+    blocks = [data[i : i + block] for i in range(0, len(data) - block, block)]
+    train, evaluation = blocks[:-16], blocks[-16:]
+    return (Dataset.from_dict({"input_ids": train, "labels": train}),
+            Dataset.from_dict({"input_ids": evaluation, "labels": evaluation}))
