@@ -22,21 +22,22 @@ def run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
 
 def result(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = proc.stdout.splitlines()
+    return [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
 
 
 def script_args(text_file, out, *extra) -> list[str]:
-    return [SCRIPT, "--train_file", text_file, "--output_dir", str(out), "--per_device_train_batch_size", "4",
-            "--learning_rate", "3e-3", "--logging_steps", "1", "--report_to", "none", "--use_cpu",
-            "--disable_tqdm", "true", *extra]
+    return [SCRIPT, "--train_file", text_file, "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1",
+            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", *extra]
 
 
 @pytest.fixture(scope="module")
 def mousse_run(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("mousse_run")
     proc = run([sys.executable, "-m", "hf_mousse",
-                *script_args(text_file, out, "--optim", "mousse", "--optim_args", "alpha=0.1, refresh_every=3",
-                             "--max_steps", "8", "--save_steps", "4")], cwd=out)
+                *script_args(text_file, out, "--optim", "mousse", "--optim_args",
+                             "alpha=0.1, refresh_every=3", "--max_steps", "8", "--save_steps", "4")], cwd=out)
     return out, result(proc)[0]
 
 
@@ -54,7 +55,8 @@ def test_python_m_hf_mousse_runs_a_stock_script(mousse_run):
 
 def test_training_args_bin_loads_after_importing_hf_mousse(mousse_run):
     out, _ = mousse_run
-    load = "import torch; a = torch.load('training_args.bin', weights_only=False); print('OPTIM', a.optim.value)"
+    load = ("import torch; a = torch.load('training_args.bin', weights_only=False); "
+            "print('OPTIM', a.optim.value)")
     ok = run([sys.executable, "-c", "import hf_mousse; " + load], cwd=out)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "OPTIM mousse" in ok.stdout
@@ -64,14 +66,13 @@ def test_training_args_bin_loads_after_importing_hf_mousse(mousse_run):
 
 def test_hf_mousse_run_and_resume_through_the_script(tmp_path, text_file, mousse_run):
     # The console script, Qwen3, --optim muon; then resume a finished 4-step run to 6 steps.
+    qwen_muon = ["--optim", "muon", "--model_type", "qwen3", "--save_steps", "4"]
     proc = run([str(BIN / "hf-mousse"), "run",
-                *script_args(text_file, tmp_path, "--optim", "muon", "--model_type", "qwen3", "--max_steps", "4",
-                             "--save_steps", "4")], cwd=tmp_path)
+                *script_args(text_file, tmp_path, *qwen_muon, "--max_steps", "4")], cwd=tmp_path)
     first = result(proc)[0]
     assert first["optimizer"] == "Muon" and first["steps"] == 4
-    proc = run([str(BIN / "hf-mousse"), "run",
-                *script_args(text_file, tmp_path, "--optim", "muon", "--model_type", "qwen3", "--max_steps", "6",
-                             "--save_steps", "4", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))],
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4")]
+    proc = run([str(BIN / "hf-mousse"), "run", *script_args(text_file, tmp_path, *qwen_muon, *resume)],
                cwd=tmp_path)
     resumed = result(proc)[0]
     assert resumed["steps"] == 6 and len(resumed["losses"]) == 6
