@@ -146,11 +146,11 @@ def param_groups(
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
+        if id(p) in head_ids:  # before the PEFT check: a modules_to_save head is still the head
+            put(("head",), name, p, role="scalar", group_name="head")
+            continue
         if id(p) in embedding_ids or not PEFT_SCALAR_PARTS.isdisjoint(name.split(".")):
             put(("embedding",), name, p, role="scalar", group_name="embedding")
-            continue
-        if id(p) in head_ids:
-            put(("head",), name, p, role="scalar", group_name="head")
             continue
         module_name, _, _ = name.rpartition(".")
         module = modules.get(module_name, model)
