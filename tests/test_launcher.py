@@ -93,3 +93,24 @@ def test_torchrun_ddp_two_processes(tmp_path, text_file):
     assert len(ranks) == 2 and all(r["optimizer"] == "Mousse" for r in ranks)
     assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"]  # replicas stayed in sync
     assert (tmp_path / "checkpoint-4" / "optimizer.safetensors").is_file()
+
+
+def test_run_gives_the_script_python_semantics(tmp_path, monkeypatch):
+    from hf_mousse import cli
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, sys\n"
+                     "json.dump({'name': __name__, 'argv': sys.argv, 'path0': sys.path[0]},"
+                     " open(sys.argv[-1], 'w'))\n")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "seen.json"
+    cli.module_main([str(probe), "--flag", "1", str(out)])
+    seen = json.loads(out.read_text())
+    assert seen == {"name": "__main__", "argv": [str(probe), "--flag", "1", str(out)], "path0": str(tmp_path)}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli.module_main(["-m", "probe", "--module", str(out)])
+    seen = json.loads(out.read_text())
+    assert seen["name"] == "__main__" and seen["argv"][1:] == ["--module", str(out)]
+    with pytest.raises(SystemExit, match="no such script"):
+        cli.main(["run", str(tmp_path / "missing.py")])
