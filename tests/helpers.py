@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from transformers import TrainerCallback
+
+
+class StopAt(TrainerCallback):
+    """Stop training after the given global step (a checkpoint saved at that step is kept)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
 
 def tiny_gpt2(seed: int = 0, hidden: int = 32):
     import torch

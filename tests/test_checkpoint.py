@@ -7,24 +7,15 @@ import os
 
 import pytest
 import torch
-from helpers import byte_blocks, tiny_gpt2, tiny_qwen3
+from helpers import StopAt, byte_blocks, tiny_gpt2, tiny_qwen3
 from safetensors import safe_open
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_mousse
 from hf_mousse import MiMuon, Mousse, Muon, load_optimizer, save_optimizer
 from hf_mousse.errors import CheckpointError
 
 hf_mousse.register()
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def train(tmp_path, text_file, optim, optim_args, *, stop_at=None, resume=None, max_steps=12):

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from helpers import byte_blocks, tiny_qwen3
+from helpers import StopAt, byte_blocks, tiny_qwen3
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_mousse
 from hf_mousse import Mousse
@@ -165,15 +165,6 @@ def test_adapter_save_and_reload_gives_identical_logits(tmp_path, text_file, tra
 
 
 # ---------------------------------------------------------------------------- resume
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def train_lora(output_dir, text_file, *, stop_at=None, resume=None, max_steps=12):
     train_set, _ = byte_blocks(text_file)
     args = args_for(output_dir, optim_args="refresh_every=4", max_steps=max_steps,
