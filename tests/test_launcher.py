@@ -89,7 +89,8 @@ def test_torchrun_ddp_two_processes(tmp_path, text_file):
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "hf_mousse",
                 *script_args(text_file, tmp_path, "--optim", "mousse", "--optim_args", "refresh_every=2",
                              "--max_steps", "4", "--save_steps", "4")], cwd=tmp_path)
-    ranks = result(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"result_rank{i}.json").read_text()) for i in (0, 1)]
     assert len(ranks) == 2 and all(r["optimizer"] == "Mousse" for r in ranks)
     assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"]  # replicas stayed in sync
     assert (tmp_path / "checkpoint-4" / "optimizer.safetensors").is_file()

@@ -7,6 +7,7 @@ directory), trained on the bytes of a local text file. Prints one ``RESULT {json
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +68,7 @@ def main():
     trainer.save_model()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    print("RESULT " + json.dumps({
+    result = {
         "optimizer": type(inner).__name__,
         "groups": [{k: v for k, v in g.items() if isinstance(v, (int, float, str, bool))}
                    for g in inner.param_groups],
@@ -77,7 +78,12 @@ def main():
         "perplexity_check": math.exp(metrics["eval_loss"]),
         "steps": trainer.state.global_step,
         "torch": torch.__version__,
-    }))
+    }
+    # One file per process too: under torchrun the ranks' stdout lines can interleave.
+    name = f"result_rank{training_args.process_index}.json"
+    with open(os.path.join(training_args.output_dir, name), "w") as f:
+        json.dump(result, f)
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":
