@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m hf_mousse.quickstart
+	$(PY) -m hf_mousse train demo-cpu
 
 test: install
 	$(PY) -m ruff check hf_mousse tests benchmarks

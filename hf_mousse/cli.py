@@ -2,6 +2,7 @@
 
     hf-mousse run SCRIPT.py [ARGS...]       run an unmodified script with --optim mousse|muon|mimuon valid
     hf-mousse run -m MODULE [ARGS...]       the same for a module (like python -m)
+    hf-mousse train RECIPE [--resume] [--push_to_hub REPO] [--dotted.key value ...]   run a YAML recipe
     python -m hf_mousse SCRIPT.py [ARGS...] shorthand for ``run``; also under accelerate launch / torchrun
 """
 
@@ -40,14 +41,32 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name")
     p_run.add_argument("target", help="script path (or module name with -m)")
     p_run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p_train = sub.add_parser("train", help="run a YAML recipe (a path or a name in recipes/)",
+                             description="Extra --dotted.key value pairs override recipe entries, e.g. "
+                             "--training.max_steps 20 --optimizer.args.alpha 0.25")
+    p_train.add_argument("recipe")
+    p_train.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    p_train.add_argument("--push_to_hub", metavar="REPO_ID", help="upload model, card and last checkpoint")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    ns = _parser().parse_args(argv)
+    ns, extra = _parser().parse_known_args(argv)
     if ns.command == "run":
-        run(ns.target, ns.args, module=ns.module)
+        run(ns.target, [*ns.args, *extra], module=ns.module)
+    elif ns.command == "train":
+        from .train import load_recipe, parse_overrides, run_recipe
+
+        recipe = load_recipe(ns.recipe, parse_overrides(extra))
+        results = run_recipe(recipe, resume=ns.resume, push_to_hub=ns.push_to_hub)
+        print(f"\n{recipe['name']}: {len(results)} run(s)")
+        for r in results:
+            print(f"  {r['optimizer']:<12} eval loss {r['eval_loss']:.4f}  perplexity "
+                  f"{r['eval_perplexity']:8.2f}  {r['steps']} steps, {r['tokens']:,} tokens, "
+                  f"{r['train_seconds']:.0f} s  -> {r['output_dir']}")
+        out = recipe.get("output_dir") or f"runs/{recipe['name']}"
+        print(f"checkpoints, model cards (README.md) and loss_curve.png: in each run directory under {out}")
 
 
 def module_main(argv: list[str]) -> None:

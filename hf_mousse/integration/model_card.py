@@ -1,0 +1,478 @@
+"""Model cards and Hub uploads for runs trained with hf_mousse.
+
+    report = TrainingReport(model_name=..., optimizer="mousse", optimizer_hyperparameters={...}, ...)
+    write_model_card(report, output_dir)          # README.md: YAML metadata (model-index) + the card
+    push_to_hub(output_dir, "user/my-model", include_checkpoints=True)
+
+The card is the Jinja2 template ``model_cards/mousse_model_card.md`` rendered by
+``huggingface_hub.ModelCard.from_template``. The top-level ``model_cards/`` folder is installed as the
+package ``hf_mousse.model_cards`` (pyproject.toml), so the template is found the same way from a wheel
+and from an editable install; an editable install made before that mapping existed falls back to the
+folder next to the ``hf_mousse`` source directory.
+
+Nothing here touches the network except :func:`push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import HfMousseError
+
+TEMPLATE_PACKAGE = "hf_mousse.model_cards"
+TEMPLATE_NAME = "mousse_model_card.md"
+CARD_FILE = "README.md"
+CHECKPOINT_PREFIX = "checkpoint-"
+LAST_CHECKPOINT = "last-checkpoint"  # the folder name transformers' hub_strategy="checkpoint" uses
+DEFAULT_COMMIT_MESSAGE = "Upload model, model card and training files (hf_mousse)"
+
+SPECTRAL = ("mousse", "muon", "mimuon")
+OPTIMIZER_TITLES = {"mousse": "Mousse", "muon": "Muon", "mimuon": "MiMuon", "adamw_torch": "AdamW",
+                    "adamw_torch_fused": "AdamW (fused)", "adafactor": "Adafactor", "sgd": "SGD"}
+OPTIMIZER_TAGS = {"mousse": ["mousse"], "muon": ["muon"], "mimuon": ["mimuon", "muon"]}
+
+# What each hyperparameter means, in the order the card lists them (unknown keys follow, sorted).
+_SHARED_MEANINGS = {
+    "optimizer_class": "optimizer class",
+    "lr": "learning rate (peak)",
+    "momentum": "momentum coefficient",
+    "nesterov": "Nesterov momentum",
+    "ns": "Newton–Schulz coefficient schedule",
+    "ns_steps": "Newton–Schulz iterations",
+    "ns_eps": "epsilon of the Newton–Schulz pre-normalisation",
+    "ns_dtype": "Newton–Schulz dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    "adjust_lr": "learning-rate convention of the matrix path (see below)",
+    "weight_decay": "decoupled weight decay λ",
+    "weight_decay_schedule": "weight-decay schedule (see below)",
+    "scalar_optimizer": "optimizer of embeddings, head, norms and biases",
+    "scalar_lr": "learning rate of the scalar path (None: the main learning rate)",
+    "scalar_weight_decay": "weight decay of the scalar path",
+    "betas": "betas of the scalar optimizer",
+    "scalar_eps": "epsilon of the scalar AdamW",
+    "embedding_lr": "learning rate of the token embedding (None: scalar path default)",
+    "head_lr": "learning rate of the output head (None: scalar path default)",
+    "split_fused": "fused projections (e.g. GPT-2 c_attn) orthogonalised per block",
+    "nonfinite": "what a non-finite gradient does (raise, skip or ignore)",
+}
+_MEANINGS = {
+    "mousse": {
+        "alpha": "whitening exponent α: eigenvalues of the Kronecker factors are raised to −α",
+        "beta": "EMA coefficient of the Kronecker factors L = E[GGᵀ], R = E[GᵀG]",
+        "refresh_every": "T: the factors' eigenbases are recomputed every T steps",
+        "eps": "damping added to the factors' eigenvalues",
+        "bias_correction": "factors divided by 1 − β^t before each refresh",
+        "grafting": "update rescaled to the Frobenius norm of the Newton–Schulz output",
+        "sides": "preconditioned sides: both, left (output dimension) or right (input dimension)",
+    },
+    "mimuon": {
+        "gap_threshold": "relative singular-value gap at or above which a matrix takes the Muon branch",
+        "gap_every": "steps between gap tests",
+        "sgd_scale": "SGD-branch scale: paper (plain momentum) or match (rescaled to Newton–Schulz size)",
+        "sgd_lr_ratio": "learning-rate multiplier of the SGD branch",
+    },
+}
+_GENERIC_MEANINGS = {"lr": "learning rate (peak)", "betas": "Adam betas", "eps": "Adam epsilon",
+                     "weight_decay": "decoupled weight decay", "momentum": "momentum coefficient"}
+
+LR_CONVENTIONS = {
+    "spectral_norm": "each matrix update is scaled by √(fan_out / fan_in), the convention of the Mousse "
+                     "paper (from Dion), so the matrix learning rate is of the paper's order (0.06 for GPT-2 "
+                     "small) rather than an AdamW learning rate.",
+    "match_rms_adamw": "each matrix update is scaled by 0.2·√max(fan_out, fan_in) (Moonlight's convention), "
+                       "which gives it the RMS of a typical AdamW step, so an AdamW learning rate and weight "
+                       "decay carry over. This is the default of hf_mousse's Trainer routes.",
+    "original": "each matrix update is scaled by √max(1, fan_out / fan_in), as in Keller Jordan's Muon.",
+    "None": "no shape-dependent scaling; the step is the learning rate times the orthogonalised update.",
+}
+WEIGHT_DECAY_NOTES = {
+    "decoupled": "applied as W ← W·(1 − η_t·λ) before each update, with η_t the scheduled learning rate.",
+    "corrected": "the coefficient follows the learning-rate schedule (corrected decoupled weight decay, Chou "
+                 "2025), λ_t = λ·η_t / η_peak, applied as W ← W·(1 − η_t·λ_t), so the per-step shrink falls "
+                 "with η_t² and the steady-state weight norm stays fixed as the learning rate decays.",
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelCardError(HfMousseError, ValueError):
+    """A training report cannot be turned into a model card (missing or malformed values, no template)."""
+
+
+class HubUploadError(HfMousseError, ValueError):
+    """An output directory cannot be uploaded as it is (missing, or without model weights)."""
+
+
+# ---------------------------------------------------------------------------- the report
+def library_versions() -> dict[str, str]:
+    """Installed versions of hf_mousse, transformers, torch and peft (those that are installed)."""
+    from .. import __version__
+
+    out = {"hf_mousse": __version__}
+    for dist in ("transformers", "torch", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); inf when it overflows, NaN for NaN, None for None."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass
+class TrainingReport:
+    """Everything the model card says about one training run."""
+
+    model_name: str  # repo id or directory name
+    base_model: str | None  # None: trained from scratch from a config
+    model_config_summary: str  # e.g. "GPT-2, 12 layers, d=768"
+    datasets: list[str]
+    dataset_description: str
+    optimizer: str  # "mousse" | "muon" | "mimuon" | "adamw_torch" | ...
+    optimizer_hyperparameters: dict[str, object]
+    training_arguments: dict[str, object]
+    tokens_seen: int
+    train_steps: int
+    final_eval_loss: float | None
+    best_eval_loss: float | None
+    loss_curve: str | None  # file name relative to the output directory, e.g. "loss_curve.png"
+    hardware: str
+    train_seconds: float
+    recipe: str | None = None
+    peft: dict | None = None  # e.g. {"type": "LoRA", "r": 8, "target_modules": [...]}
+    versions: dict[str, str] = field(default_factory=library_versions)
+    eval_split: str = "validation"
+
+    def __post_init__(self):
+        if not self.model_name or not str(self.model_name).strip():
+            raise ModelCardError("TrainingReport.model_name is empty: give the repo id or the run's folder")
+        if not self.optimizer:
+            raise ModelCardError("TrainingReport.optimizer is empty: give the --optim name, e.g. 'mousse'")
+        if isinstance(self.datasets, str) or not all(isinstance(d, str) for d in self.datasets):
+            raise ModelCardError(f"TrainingReport.datasets must be a list of names, got {self.datasets!r}")
+        for name in ("tokens_seen", "train_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ModelCardError(f"TrainingReport.{name} must be a non-negative int, got {value!r}")
+        curve = self.loss_curve
+        if curve is not None and (os.path.isabs(curve) or ".." in Path(curve).parts):
+            raise ModelCardError(
+                f"TrainingReport.loss_curve={self.loss_curve!r} must be a file name relative to the output "
+                "directory (e.g. 'loss_curve.png'), so that the image link works on the Hub")
+        self.optimizer = str(self.optimizer).lower()
+
+    @property
+    def final_perplexity(self) -> float | None:
+        return perplexity(self.final_eval_loss)
+
+    @property
+    def best_perplexity(self) -> float | None:
+        return perplexity(self.best_eval_loss)
+
+
+# ---------------------------------------------------------------------------- rendering
+def template_text(name: str = TEMPLATE_NAME) -> str:
+    """The template's text: from the installed package ``hf_mousse.model_cards``, else from the
+    ``model_cards/`` folder of the source tree (an editable install older than the package mapping)."""
+    from importlib import resources
+
+    try:
+        resource = resources.files(TEMPLATE_PACKAGE).joinpath(name)
+        if resource.is_file():
+            return resource.read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        pass
+    source = Path(__file__).resolve().parents[2] / "model_cards" / name
+    if source.is_file():
+        return source.read_text(encoding="utf-8")
+    raise ModelCardError(
+        f"model-card template {name!r} not found: neither the package {TEMPLATE_PACKAGE!r} nor {source} "
+        "has it. Reinstall hf_mousse (pip install hf-mousse, or pip install -e . in a checkout)")
+
+
+def _fmt(value) -> str:
+    """A table cell: exact numbers (repr), enum values, lists joined; '|' escaped for Markdown."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, (list, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        text = ", ".join(_fmt(v) for v in items)
+    elif isinstance(value, tuple):
+        text = "(" + ", ".join(_fmt(v) for v in value) + ")"
+    elif isinstance(value, dict):
+        text = json.dumps(value, default=str, sort_keys=True)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt_loss(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
+
+
+def _fmt_ppl(ppl: float | None) -> str:
+    if ppl is None:
+        return "n/a"
+    return f"{ppl:.2f}" if math.isfinite(ppl) else str(ppl)
+
+
+def _fmt_count(n: int) -> str | None:
+    """2621440000 -> '2.62B'; None below a thousand."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return None
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 60:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    text = f"{h} h {m:02d} min {sec:02d} s" if h else f"{m} min {sec:02d} s"
+    return f"{text} ({seconds:,.0f} s)"
+
+
+def _describe_data(text: str) -> str:
+    """Free text as it is; a JSON object (the recipe's data section) as a code span."""
+    try:
+        is_json = isinstance(json.loads(text), dict)
+    except (TypeError, ValueError):
+        is_json = False
+    return f"Data settings: `{text}`" if is_json else text
+
+
+def _hyperparameter_rows(report: TrainingReport) -> list[dict[str, str]]:
+    hyper = report.optimizer_hyperparameters
+    if report.optimizer in SPECTRAL:  # class and lr first, then the algorithm's own, then the shared ones
+        head = {k: _SHARED_MEANINGS[k] for k in ("optimizer_class", "lr")}
+        meanings = {**head, **_MEANINGS.get(report.optimizer, {}), **_SHARED_MEANINGS}
+    else:
+        meanings = {"optimizer_class": _SHARED_MEANINGS["optimizer_class"], **_GENERIC_MEANINGS}
+    order = [k for k in meanings if k in hyper] + sorted(k for k in hyper if k not in meanings)
+    return [{"name": k, "value": _fmt(hyper[k]), "meaning": meanings.get(k, "")} for k in order]
+
+
+def _training_rows(report: TrainingReport) -> list[dict[str, str]]:
+    args = dict(report.training_arguments)
+    if "precision" not in args and ("bf16" in args or "fp16" in args):
+        args["precision"] = ("bf16 mixed precision" if args.get("bf16") else
+                             "fp16 mixed precision" if args.get("fp16") else "fp32")
+    return [{"name": k, "value": _fmt(v)} for k, v in args.items()]
+
+
+def _peft_rows(peft: dict | None) -> list[dict[str, str]] | None:
+    if not peft:
+        return None
+    return [{"name": k, "value": _fmt(v)} for k, v in peft.items() if k != "type"]
+
+
+def _tags(report: TrainingReport) -> list[str]:
+    tags = ["hf_mousse", *OPTIMIZER_TAGS.get(report.optimizer, [report.optimizer]), "text-generation"]
+    if report.peft:
+        tags.append("peft")
+        kind = str(report.peft.get("type", "")).lower()
+        if kind:
+            tags.append(kind)
+    return list(dict.fromkeys(tags))
+
+
+def _eval_results(report: TrainingReport, dataset_type: str, dataset_name: str) -> list:
+    from huggingface_hub import EvalResult
+
+    loss = report.final_eval_loss if report.final_eval_loss is not None else report.best_eval_loss
+    if loss is None or not math.isfinite(loss):
+        return []  # nothing to report, or a value the Hub's YAML validation would reject
+    values = [("loss", "Eval loss", float(loss)), ("perplexity", "Perplexity", perplexity(loss))]
+    return [
+        EvalResult(task_type="text-generation", task_name="Causal language modelling",
+                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=report.eval_split,
+                   metric_type=metric, metric_name=name, metric_value=value)
+        for metric, name, value in values if math.isfinite(value)
+    ]
+
+
+def _is_repo_id(name: str | None) -> bool:
+    return bool(name) and bool(_REPO_ID.match(name)) and not os.path.exists(name)
+
+
+def render_model_card(report: TrainingReport):
+    """The model card (``huggingface_hub.ModelCard``) of ``report``: YAML metadata with a ``model-index``
+    (final eval loss and perplexity) and the text of ``model_cards/mousse_model_card.md``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hyper = report.optimizer_hyperparameters
+    datasets = list(report.datasets)
+    dataset_type = datasets[0] if datasets else "custom"
+    dataset_name = ", ".join(datasets) if datasets else "custom"
+    hub_base = report.base_model if _is_repo_id(report.base_model) else None
+    extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        model_name=report.model_name,
+        base_model=hub_base,
+        datasets=datasets or None,
+        tags=_tags(report),
+        eval_results=_eval_results(report, dataset_type, dataset_name) or None,
+        **extra,
+    )
+    adjust_lr = str(hyper["adjust_lr"]) if "adjust_lr" in hyper else None
+    wd_schedule = hyper.get("weight_decay_schedule")
+    cite_mimuon, cite_wd = report.optimizer == "mimuon", wd_schedule == "corrected"
+    cited = ["Mousse", "Muon"] + ["MiMuon"] * cite_mimuon + ["corrected decoupled weight decay"] * cite_wd
+    tokens_per_step = (report.tokens_seen // report.train_steps
+                       if report.train_steps and report.tokens_seen % report.train_steps == 0 else None)
+    context = {
+        "model_name": report.model_name,
+        "base_model": report.base_model,
+        "base_model_url": f"https://huggingface.co/{hub_base}" if hub_base else None,
+        "model_config_summary": report.model_config_summary,
+        "datasets": datasets,
+        "dataset_description": _describe_data(report.dataset_description),
+        "eval_split": report.eval_split,
+        "optimizer": report.optimizer,
+        "optimizer_title": OPTIMIZER_TITLES.get(report.optimizer, report.optimizer),
+        "spectral": report.optimizer in SPECTRAL,
+        "hyperparameters": _hyperparameter_rows(report),
+        "adjust_lr": adjust_lr,
+        "lr_convention": LR_CONVENTIONS.get(adjust_lr) if report.optimizer in SPECTRAL else None,
+        "weight_decay_schedule": wd_schedule,
+        "weight_decay_note": WEIGHT_DECAY_NOTES.get(wd_schedule) if report.optimizer in SPECTRAL else None,
+        "training_arguments": _training_rows(report),
+        "peft": _peft_rows(report.peft),
+        "peft_type": (report.peft or {}).get("type", "PEFT"),
+        "train_steps": f"{report.train_steps:,}",
+        "tokens_seen": f"{report.tokens_seen:,}",
+        "tokens_approx": _fmt_count(report.tokens_seen),
+        "tokens_per_step": f"{tokens_per_step:,}" if tokens_per_step else None,
+        "final_eval_loss": _fmt_loss(report.final_eval_loss),
+        "final_perplexity": _fmt_ppl(report.final_perplexity),
+        "best_eval_loss": _fmt_loss(report.best_eval_loss),
+        "best_perplexity": _fmt_ppl(report.best_perplexity),
+        "loss_curve": Path(report.loss_curve).as_posix() if report.loss_curve else None,
+        "hardware": report.hardware,
+        "wall_time": _fmt_seconds(report.train_seconds),
+        "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
+        "hf_mousse_version": report.versions.get("hf_mousse", ""),
+        "recipe": report.recipe,
+        "cite_mimuon": cite_mimuon,
+        "cite_corrected_wd": cite_wd,
+        "cited": ", ".join(cited[:-1]) + " and " + cited[-1],
+    }
+    card = ModelCard.from_template(card_data, template_str=template_text(), **context)
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden temporary file in the same folder and os.replace."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_model_card(report: TrainingReport, output_dir: str) -> str:
+    """Render the card of ``report`` and write it atomically to ``output_dir/README.md``; returns the path."""
+    card = render_model_card(report)
+    os.makedirs(output_dir, exist_ok=True)
+    if report.loss_curve and not os.path.isfile(os.path.join(output_dir, report.loss_curve)):
+        warnings.warn(f"the model card links {report.loss_curve!r}, which is not in {output_dir}",
+                      stacklevel=2)
+    path = os.path.join(output_dir, CARD_FILE)
+    _atomic_write(path, str(card))
+    return path
+
+
+# ---------------------------------------------------------------------------- Hub upload
+def _skipped(name: str) -> bool:
+    """Hidden files (including our ``.*.tmp`` temporaries) and temporary files are never uploaded."""
+    return name.startswith(".") or name.endswith(".tmp")
+
+
+def _newest_checkpoint(output_dir: str) -> str | None:
+    steps = []
+    for entry in os.scandir(output_dir):
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", entry.name)
+        if match and entry.is_dir():
+            steps.append((int(match.group(1)), entry.path))
+    return max(steps)[1] if steps else None
+
+
+def prepare_hub_upload(output_dir: str, *, include_checkpoints: bool) -> list:
+    """The ``CommitOperationAdd`` list that uploads a run: the files at the top of ``output_dir`` (weights,
+    config, tokenizer, README.md, loss_curve.png, training_args.bin, ...) and, with ``include_checkpoints``,
+    the newest ``checkpoint-*`` folder as ``last-checkpoint/`` (optimizer.safetensors, scheduler.pt, ...),
+    as transformers' ``hub_strategy="checkpoint"`` does. Sub-folders (``runs/``, older checkpoints),
+    hidden and ``*.tmp`` files are left out."""
+    from huggingface_hub import CommitOperationAdd
+
+    if not os.path.isdir(output_dir):
+        raise HubUploadError(f"cannot upload {output_dir!r}: no such directory")
+    files: list[tuple[str, str]] = []
+    for entry in sorted(os.scandir(output_dir), key=lambda e: e.name):
+        if entry.is_file() and not _skipped(entry.name):
+            files.append((entry.name, entry.path))
+    weights = [n for n, _ in files if n.endswith((".safetensors", ".bin")) and n != "training_args.bin"]
+    if not weights:
+        raise HubUploadError(
+            f"{output_dir!r} holds no model weights (*.safetensors or *.bin) at its top level: point to a "
+            "run directory after trainer.save_model(), not to a parent folder of several runs")
+    if CARD_FILE not in {n for n, _ in files}:
+        warnings.warn(f"{output_dir} has no {CARD_FILE}: the repo will have no model card "
+                      "(write one with hf_mousse.integration.model_card.write_model_card)", stacklevel=2)
+    if include_checkpoints:
+        checkpoint = _newest_checkpoint(output_dir)
+        if checkpoint is None:
+            warnings.warn(f"include_checkpoints=True but {output_dir} has no {CHECKPOINT_PREFIX}* folder; "
+                          "uploading the model without a checkpoint", stacklevel=2)
+        else:
+            for root, dirs, names in os.walk(checkpoint):
+                dirs[:] = sorted(d for d in dirs if not _skipped(d))
+                for name in sorted(names):
+                    if not _skipped(name):
+                        path = os.path.join(root, name)
+                        rel = Path(os.path.relpath(path, checkpoint)).as_posix()
+                        files.append((f"{LAST_CHECKPOINT}/{rel}", path))
+    return [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path) for repo_path, path in files]
+
+
+def push_to_hub(output_dir: str, repo_id: str, *, include_checkpoints: bool = False, private: bool = False,
+                token: str | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE):
+    """Create ``repo_id`` if needed and upload :func:`prepare_hub_upload`'s files in one commit; returns
+    the ``CommitInfo``. The file list is built (and checked) before anything is created on the Hub."""
+    from huggingface_hub import HfApi
+
+    operations = prepare_hub_upload(output_dir, include_checkpoints=include_checkpoints)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, exist_ok=True, private=private)
+    repo_id = getattr(url, "repo_id", None) or repo_id  # create_repo resolves a bare name to user/name
+    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)

@@ -1,0 +1,284 @@
+"""The recipe runner: ``hf-mousse train RECIPE.yaml [--dotted.key value ...]``.
+
+A recipe is a YAML file a user copies and edits (see ``recipes/``):
+
+    base: other.yaml          # optional: start from another recipe and override keys
+    output_dir: runs/demo
+    model: {from_config: {model_type: gpt2, n_layer: 2, ...}}   # or {name_or_path: Qwen/Qwen3-0.6B}
+    tokenizer: {train_bpe: {vocab_size: 2048}}                  # or {name_or_path: ...}
+    data: {builtin: pydoc, block_size: 128}                     # see hf_mousse.data
+    optimizer: {name: mousse, args: {alpha: 0.125}}             # args -> --optim_args
+    compare: [{name: muon}, {name: adamw_torch}]                # optional: more runs, same everything else
+    lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}   # optional
+    training: {learning_rate: 3e-3, max_steps: 200, ...}        # TrainingArguments
+
+Each optimizer run goes to ``output_dir/<optimizer>`` (or ``output_dir`` when there is one) and
+gets checkpoints with ``optimizer.safetensors``, ``loss_curve.png`` and a model card (README.md);
+with ``compare`` a ``loss_curves.png`` overlays all runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import InvalidHyperparameterError
+
+RECIPE_KEYS = {"base", "name", "description", "hardware", "output_dir", "seed", "model", "tokenizer", "data",
+               "optimizer", "compare", "lora", "training", "hub"}
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+# ---------------------------------------------------------------------------- recipe files
+def _merge(base: dict, override: dict, replace: tuple[str, ...] = ()) -> dict:
+    """Deep merge; keys in ``replace`` are taken whole from ``override``."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in replace
+        out[k] = _merge(out[k], v) if deep else copy.deepcopy(v)
+    return out
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A path, or the name of a file in ``recipes/`` (with or without ``.yaml``)."""
+    for candidate in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise InvalidHyperparameterError(f"no recipe {name!r}; give a YAML path or one of {available}")
+
+
+def load_recipe(name: str, overrides: dict | None = None) -> dict:
+    path = resolve_recipe_path(name)
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if "base" in recipe:
+        base = load_recipe(str(path.parent / recipe.pop("base")))
+        base.pop("name", None)
+        # A twin that names another optimizer replaces the whole block (its args would not apply).
+        base_name = base["optimizer"].get("name")
+        swap = recipe.get("optimizer", {}).get("name", base_name) != base_name
+        recipe = _merge(base, recipe, replace=("compare", "optimizer") if swap else ("compare",))
+    recipe = _merge(recipe, overrides or {})
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise InvalidHyperparameterError(
+            f"{path}: unknown recipe key(s) {sorted(unknown)}; valid keys: {sorted(RECIPE_KEYS)}")
+    for key in ("model", "tokenizer", "data", "optimizer", "training"):
+        if key not in recipe:
+            raise InvalidHyperparameterError(f"{path}: the recipe needs a {key!r} section")
+    recipe.setdefault("name", path.stem)
+    return recipe
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``--training.max_steps 10 --optimizer.args.alpha 0.2`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    it = iter(argv)
+    for flag in it:
+        if not flag.startswith("--") or len(flag) < 3:
+            raise InvalidHyperparameterError(f"expected --dotted.key value, got {flag!r}")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise InvalidHyperparameterError(f"{flag} needs a value")
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+# ---------------------------------------------------------------------------- building blocks
+def optim_args_string(args: dict | None) -> str | None:
+    """``{alpha: 0.1, nesterov: true, adjust_lr: null}`` -> ``"alpha=0.1,nesterov=true,adjust_lr=none"``."""
+    if not args:
+        return None
+    def text(v):
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return ",".join(f"{k}={text(v)}" for k, v in args.items())
+
+
+def build_model(spec: dict, tokenizer):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    dtype = getattr(torch, spec.pop("dtype", "float32"))
+    if "from_config" in spec:
+        cfg = dict(spec.pop("from_config"))
+        cfg.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            cfg.setdefault(key, getattr(tokenizer, key))
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif "name_or_path" in spec:
+        model = AutoModelForCausalLM.from_pretrained(spec.pop("name_or_path"), dtype=dtype)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        raise InvalidHyperparameterError(
+            "model: give from_config (pretraining) or name_or_path (fine-tuning)")
+    if spec:
+        raise InvalidHyperparameterError(f"model: unknown key(s) {sorted(spec)}; valid: from_config, "
+                                         "name_or_path, dtype")
+    return model
+
+
+def apply_lora(model, spec: dict | None):
+    if not spec:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec))
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def plot_losses(curves: dict[str, tuple[list, list, list, list]], path: str, title: str) -> str:
+    """One PNG: training loss (lines) and eval loss (markers) per run, against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, losses, eval_steps, eval_losses) in curves.items():
+        (line,) = ax.plot(steps, losses, label=f"{label} (train)", linewidth=1.2)
+        if eval_steps:
+            ax.plot(eval_steps, eval_losses, "o--", color=line.get_color(), label=f"{label} (eval)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curve(log_history: list[dict]):
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    return ([s for s, _ in train], [v for _, v in train], [s for s, _ in evals], [v for _, v in evals])
+
+
+# ---------------------------------------------------------------------------- one run
+def train_one(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokenizer, *, resume=None) -> dict:
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .integration.model_card import TrainingReport, write_model_card
+
+    seed = recipe.get("seed", 0)
+    set_seed(seed)
+    model = apply_lora(build_model(recipe["model"], tokenizer), recipe.get("lora"))
+    name = optimizer["name"]
+    training = {**recipe["training"], **optimizer.get("training", {})}
+    args = TrainingArguments(output_dir=output_dir, optim=name,
+                             optim_args=optim_args_string(optimizer.get("args")), seed=seed, **training)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets_["train"],
+                      eval_dataset=datasets_["validation"])
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    tokenizer.save_pretrained(output_dir)
+    curve = _curve(trainer.state.log_history)
+    plot_losses({name: curve}, os.path.join(output_dir, "loss_curve.png"), f"{recipe['name']}: {name}")
+    evals = curve[3] or [metrics["eval_loss"]]
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    # The matrix group holds the algorithm's settings (group 0 may be the embeddings).
+    group = next((g for g in inner.param_groups if g.get("role") == "matrix"), inner.param_groups[0])
+    skip = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
+    hyper = {k: v for k, v in group.items() if k not in skip}
+    block = len(datasets_["train"][0]["input_ids"])
+    tokens = (trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+              * args.world_size * block)
+    report = TrainingReport(
+        model_name=f"{recipe['name']}-{name}",
+        base_model=recipe["model"].get("name_or_path"),
+        model_config_summary=_model_summary(model),
+        datasets=_dataset_names(recipe["data"]),
+        dataset_description=json.dumps(recipe["data"]),
+        optimizer=name,
+        optimizer_hyperparameters={"optimizer_class": type(inner).__name__, **hyper},
+        training_arguments={k: getattr(args, k) for k in (
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_steps", "weight_decay", "bf16", "fp16", "seed")}
+        | {"block_size": block},
+        tokens_seen=tokens,
+        train_steps=trainer.state.global_step,
+        final_eval_loss=metrics["eval_loss"],
+        best_eval_loss=min(evals),
+        loss_curve="loss_curve.png",
+        hardware=hardware(),
+        train_seconds=seconds,
+        recipe=recipe["name"],
+        peft=dict(recipe["lora"], type="LoRA") if recipe.get("lora") else None,
+    )
+    write_model_card(report, output_dir)
+    return {"optimizer": name, "output_dir": output_dir, "eval_loss": metrics["eval_loss"],
+            "eval_perplexity": math.exp(metrics["eval_loss"]), "train_seconds": seconds, "steps":
+            trainer.state.global_step, "tokens": tokens, "curve": curve}
+
+
+def _model_summary(model) -> str:
+    cfg = getattr(model, "config", None)
+    n = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kind = getattr(cfg, "model_type", type(model).__name__)
+    return f"{kind}, {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
+
+
+def _dataset_names(spec: dict) -> list[str]:
+    if "dataset" in spec:
+        return [spec["dataset"]]
+    if "builtin" in spec:
+        return [f"local:{spec['builtin']}"]
+    return [f"local:{Path(f).name}" for f in spec.get("train_files", [])]
+
+
+# ---------------------------------------------------------------------------- the job
+def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = None) -> list[dict]:
+    """Run every optimizer of ``recipe``; returns one summary per run (printed by the CLI)."""
+    from . import data
+    from .integration.registry import register
+
+    register()
+    out = recipe.get("output_dir") or os.path.join("runs", recipe["name"])
+    data_spec = dict(recipe["data"])
+    block = data_spec.pop("block_size")
+    texts = data.load_text_datasets(data_spec)
+    tokenizer = data.load_tokenizer(recipe["tokenizer"], lambda: list(texts["train"]["text"]))
+    packed = {split: data.pack(texts[split], tokenizer, block) for split in ("train", "validation")}
+    runs = [recipe["optimizer"], *recipe.get("compare", [])]
+    results = []
+    for optimizer in runs:
+        run_dir = out if len(runs) == 1 else os.path.join(out, optimizer["name"])
+        results.append(train_one(recipe, optimizer, run_dir, packed, tokenizer, resume=resume or None))
+    if len(runs) > 1:
+        plot_losses({r["optimizer"]: r["curve"] for r in results}, os.path.join(out, "loss_curves.png"),
+                    recipe["name"])
+    if push_to_hub:
+        from .integration.model_card import push_to_hub as push
+
+        for r in results:
+            repo = push_to_hub if len(runs) == 1 else f"{push_to_hub}-{r['optimizer']}"
+            push(r["output_dir"], repo, include_checkpoints=True)
+    return results
