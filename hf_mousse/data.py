@@ -17,7 +17,7 @@ import datasets
 import pyarrow as pa
 import transformers
 
-from hf_mousse.errors import InvalidHyperparameterError
+from .errors import DataSpecError
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -38,8 +38,6 @@ JSON_EXTENSIONS = (".json", ".jsonl")
 BUILTIN_CHUNK_CHARS = 2000
 
 
-class DataSpecError(InvalidHyperparameterError):
-    """A recipe's ``tokenizer:`` or ``data:`` block is malformed, or the data it names cannot be used."""
 
 
 # ----------------------------------------------------------------------------------------------- corpora

@@ -29,3 +29,7 @@ class RegistrationError(HfMousseError, RuntimeError):
 
 class UnsupportedSetupError(HfMousseError, ValueError):
     """A training setup the optimizer cannot run correctly in (DeepSpeed ZeRO, FSDP1)."""
+
+
+class DataSpecError(InvalidHyperparameterError):
+    """A recipe's ``tokenizer:`` or ``data:`` block is malformed, or the data it names cannot be used."""

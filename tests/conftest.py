@@ -14,8 +14,8 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> str:
     """~40 kB of English (CPython's pydoc topics) in a local file."""
-    from pydoc_data.topics import topics
+    from hf_mousse.data import pydoc_text
 
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:40_000], encoding="utf-8")
+    path.write_text(pydoc_text()[:40_000], encoding="utf-8")
     return str(path)

@@ -44,3 +44,15 @@ def byte_blocks(path: str, block: int = 32):
     train, evaluation = blocks[:-16], blocks[-16:]
     return (Dataset.from_dict({"input_ids": train, "labels": train}),
             Dataset.from_dict({"input_ids": evaluation, "labels": evaluation}))
+
+
+def train(model, opt, batches) -> list[float]:
+    """One optimizer step per batch of token ids (labels = inputs); returns the losses."""
+    losses = []
+    for x in batches:
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import train
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_mousse import MiMuon, Mousse, Muon
-from hf_mousse.quickstart import byte_corpus, train
+from hf_mousse.data import pydoc_text
 
 OPTIMIZERS = {
     "muon": lambda m: Muon.for_model(m, lr=0.02, scalar_lr=3e-3),
@@ -23,7 +24,7 @@ OPTIMIZERS = {
 
 @pytest.fixture(scope="module")
 def batches():
-    data = byte_corpus()[:200_000]
+    data = torch.tensor(list(pydoc_text().encode("utf-8"))[:200_000])
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(data) - 32, (100, 8), generator=g)
     return [torch.stack([data[s : s + 32] for s in row]) for row in starts]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -32,9 +32,10 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    # Created like open() would (0o666 minus umask), not mkstemp's private 0o600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         with open(tmp, "rb+") as f:

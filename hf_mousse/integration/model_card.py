@@ -20,13 +20,13 @@ import json
 import math
 import os
 import re
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from ..errors import HfMousseError
+from .checkpoint import atomic_save
 
 TEMPLATE_PACKAGE = "hf_mousse.model_cards"
 TEMPLATE_NAME = "mousse_model_card.md"
@@ -383,23 +383,6 @@ def render_model_card(report: TrainingReport):
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n")
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden temporary file in the same folder and os.replace."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
-        with open(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_model_card(report: TrainingReport, output_dir: str) -> str:
     """Render the card of ``report`` and write it atomically to ``output_dir/README.md``; returns the path."""
     card = render_model_card(report)
@@ -408,7 +391,8 @@ def write_model_card(report: TrainingReport, output_dir: str) -> str:
         warnings.warn(f"the model card links {report.loss_curve!r}, which is not in {output_dir}",
                       stacklevel=2)
     path = os.path.join(output_dir, CARD_FILE)
-    _atomic_write(path, str(card))
+    text = str(card)
+    atomic_save(lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""), path)
     return path
 
 

@@ -341,7 +341,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             updates = scalar_path.lion(params, grads, states, lr=group["lr"], betas=group["betas"],
                                        shrink=shrink)
         if self.diagnostics_enabled:
-            self._record_update("scalar", updates)
+            self._record_update("scalar", updates, group["lr"] if kind == "lion" else 1.0)
 
     def _ns_dtype(self, group: dict, device: torch.device) -> torch.dtype:
         name = group["ns_dtype"]
@@ -407,11 +407,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
                        for p, o, k in zip(ps, bucket.offsets, counts)]
             torch._foreach_add_(ps, updates, alpha=-group["lr"] * ratio)
             if self.diagnostics_enabled:
-                self._record_update("matrix", [update * (group["lr"] * ratio)])
+                self._record_update("matrix", [update], group["lr"] * ratio)
 
     # ------------------------------------------------------------------ diagnostics
-    def _record_update(self, role: str, updates: list[torch.Tensor]) -> None:
-        sq = torch.stack(torch._foreach_norm(updates)).float().square().sum()
+    def _record_update(self, role: str, updates: list[torch.Tensor], scale: float) -> None:
+        """Accumulate the squared norm of ``scale * updates`` (no sync, no copy of the updates)."""
+        sq = torch.stack(torch._foreach_norm(updates)).float().square().sum() * scale**2
         self._update_sq[role] = self._update_sq[role] + sq if role in self._update_sq else sq
         self._update_numel[role] += sum(u.numel() for u in updates)
 

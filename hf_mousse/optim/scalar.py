@@ -43,7 +43,7 @@ def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float)
 
 def lion(params, grads, states, *, lr: float, betas, shrink: float) -> list[torch.Tensor]:
     """Lion: u = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; W <- W*shrink - lr*u.
-    Returns the applied updates -lr*u (for diagnostics)."""
+    Returns u (the applied update is -lr * u; for diagnostics)."""
     b1, b2 = betas
     exp_avgs = [s["exp_avg"] for s in states]
     updates = torch._foreach_lerp(exp_avgs, grads, 1 - b1)
@@ -51,6 +51,5 @@ def lion(params, grads, states, *, lr: float, betas, shrink: float) -> list[torc
     torch._foreach_lerp_(exp_avgs, grads, 1 - b2)
     if shrink != 1.0:
         torch._foreach_mul_(params, shrink)
-    torch._foreach_mul_(updates, -lr)
-    torch._foreach_add_(params, updates)
+    torch._foreach_add_(params, updates, alpha=-lr)
     return updates
