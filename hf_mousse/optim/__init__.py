@@ -1,6 +1,8 @@
 """Pure-PyTorch optimizers: Muon, Mousse, MiMuon. Imports nothing from transformers."""
 
+from . import state_keys
 from .base import SpectralOptimizer
+from .hyperparameters import HELP, constructor_defaults
 from .mimuon import MiMuon
 from .mousse import Mousse
 from .muon import Muon
@@ -8,5 +10,6 @@ from .orthogonalize import NS_COEFFICIENTS, newton_schulz
 from .roles import param_groups
 
 __all__ = [
-    "MiMuon", "Mousse", "Muon", "NS_COEFFICIENTS", "SpectralOptimizer", "newton_schulz", "param_groups",
+    "HELP", "MiMuon", "Mousse", "Muon", "NS_COEFFICIENTS", "SpectralOptimizer", "constructor_defaults",
+    "newton_schulz", "param_groups", "state_keys",
 ]

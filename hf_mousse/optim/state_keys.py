@@ -1,0 +1,29 @@
+"""Names of the per-parameter optimizer state entries: one home, used by the optimizers and by
+checkpointing (``integration/checkpoint.py``) alike."""
+
+from __future__ import annotations
+
+STEP = "step"  # int: steps this parameter has taken (per parameter, not per group)
+MOMENTUM = "momentum"  # matrix path: EMA (Muon, MiMuon) or heavy-ball (Mousse) momentum
+EXP_AVG = "exp_avg"  # scalar path: first moment (AdamW) or momentum (Lion)
+EXP_AVG_SQ = "exp_avg_sq"  # scalar path, AdamW only: second moment
+MUON_BRANCH = "muon_branch"  # MiMuon: bool per block, the branch chosen at the last gap test
+MUON_BRANCH_STEPS = "muon_branch_steps"  # MiMuon: per block, steps taken on the Muon branch
+
+# Entries with the parameter's own shape (the others are per block or per factor).
+PARAM_SHAPED = (MOMENTUM, EXP_AVG, EXP_AVG_SQ)
+
+
+def kron(side: str) -> str:
+    """Mousse: the Kronecker factor EMA of ``side`` ("left" = output side, "right" = input side)."""
+    return f"kron_{side}"
+
+
+def kron_eigvals(side: str) -> str:
+    """Mousse: the cleaned eigenvalues of the factor at its last refresh."""
+    return f"kron_{side}_eigvals"
+
+
+def kron_eigvecs(side: str) -> str:
+    """Mousse: the eigenvectors (eigenbasis) of the factor at its last refresh."""
+    return f"kron_{side}_eigvecs"
