@@ -111,20 +111,22 @@ def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.
     return out
 
 
-def relative_gap(d: torch.Tensor) -> float:
+def gap_statistic(d: torch.Tensor, rule: str = "scaled") -> float:
     """The MiMuon gap statistic of hf_mousse, from an SVD: singular values kept where
-    sigma_i^2 > sigma_1^2 * r * eps_fp32; min adjacent gap over sigma_1 (inf if < 2 kept)."""
+    sigma_i^2 > sigma_1^2 * r * eps_fp32; min adjacent gap over sigma_1 ("relative"), times the
+    number of kept values minus one ("scaled"); inf if fewer than two are kept."""
     s = torch.linalg.svdvals(d.double())
     r = min(d.shape)
     kept = s[s**2 > s[0] ** 2 * r * torch.finfo(torch.float32).eps]
     if len(kept) < 2:
         return math.inf
-    return ((kept[:-1] - kept[1:]) / kept[0]).min().item()
+    relative = ((kept[:-1] - kept[1:]) / kept[0]).min().item()
+    return relative if rule == "relative" else relative * (len(kept) - 1)
 
 
-def mimuon(w0, grads, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0, gap_threshold=1e-3,
-           gap_every=10, sgd_scale="paper", sgd_lr_ratio=1.0, coefficients=KELLER_JORDAN, eps=1e-7,
-           adjust_lr="original"):
+def mimuon(w0, grads, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0, gap_rule="scaled",
+           gap_threshold=1e-3, gap_every=10, sgd_scale="paper", sgd_lr_ratio=1.0, coefficients=KELLER_JORDAN,
+           eps=1e-7, adjust_lr="original"):
     """hf_mousse's MiMuon realisation (README), float64. Returns (weights, branch per step)."""
     w = w0.double().clone()
     m, n = w.shape
@@ -136,7 +138,7 @@ def mimuon(w0, grads, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0, gap
         b = momentum * b + (1 - momentum) * g
         d = (1 - momentum) * g + momentum * b if nesterov else b
         if gap_every == 1 or t % gap_every == 1:
-            use_muon = relative_gap(d) >= gap_threshold
+            use_muon = gap_statistic(d, gap_rule) >= gap_threshold
         if use_muon:
             u = lr_ratio(adjust_lr, m, n) * ns(d, coefficients, eps)
         else:

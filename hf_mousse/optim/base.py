@@ -17,29 +17,19 @@ from ..errors import InvalidHyperparameterError, NonFiniteGradientError, Unsuppo
 from . import scalar as scalar_path
 from .kronecker import EighStats
 from .orthogonalize import newton_schulz, norm_safety_for, resolve_schedule
-from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, to_blocks
+from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_groups, to_blocks
+from .state_keys import EXP_AVG, MOMENTUM, STEP
 from .weight_decay import SCHEDULES, decay_shrink
 
 ADJUST_LR = ("original", "match_rms_adamw", "spectral_norm", None)
 NS_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 NONFINITE = ("raise", "skip", "ignore")
 
-# Keys every group has; subclasses add their own. Scalar groups reuse lr / weight_decay.
-COMMON_DEFAULTS = dict(
-    momentum=0.95,
-    nesterov=False,
-    ns="dion",
-    ns_steps=None,
-    ns_eps=1e-7,
-    ns_dtype="auto",
-    adjust_lr="spectral_norm",
-    weight_decay_schedule="decoupled",
-    scalar_optimizer="adamw",
-    scalar_lr=None,
-    scalar_weight_decay=0.0,
-    betas=(0.9, 0.95),
-    scalar_eps=1e-8,
-)
+
+def is_due(step: int, period: int) -> bool:
+    """Whether a periodic computation (Mousse's refresh, MiMuon's gap test) runs at ``step``:
+    at t = 1, period + 1, 2 period + 1, ..., so the first step always has fresh statistics."""
+    return period == 1 or step % period == 1
 
 
 def lr_ratio(adjust_lr: str | None, m: int, n: int) -> float:
@@ -105,9 +95,27 @@ class SpectralOptimizer(torch.optim.Optimizer):
     """
 
     momentum_form = "ema"  # "ema": B <- mu B + (1-mu) G ; "heavy_ball": M <- mu M + G
-    stack_in_ns_dtype = True  # cast the stacked momentum to the NS dtype before _bucket_update
+    # Cast the stacked momentum to the NS dtype before _bucket_update. For Mousse this is the
+    # authors' rounding: they cast the momentum to bf16 before rotating it (ALGORITHMS.md b.3,
+    # steps 3 and 6); for Muon it is the cast NS would do anyway, done once while stacking.
+    stack_in_ns_dtype = True
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        ns_dtype: str = "auto",
+        weight_decay_schedule: str = "decoupled",
+        scalar_optimizer: str = "adamw",
+        scalar_lr: float | None = None,
+        scalar_weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        scalar_eps: float = 1e-8,
+        nonfinite: str = "raise",
+    ):
+        """``defaults`` holds the algorithm's own hyperparameters (lr, momentum, NS settings, ...);
+        the keyword arguments here are the options every algorithm shares with the same default."""
         _check(nonfinite in NONFINITE, "nonfinite", nonfinite, f"one of {NONFINITE}")
         self.nonfinite = nonfinite
         self.eigh_stats = EighStats()
@@ -115,7 +123,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
         self._update_sq: dict[str, torch.Tensor] = {}  # role -> sum of squared applied updates
         self._update_numel: dict[str, int] = defaultdict(int)
-        super().__init__(params, defaults)
+        shared = dict(ns_dtype=ns_dtype, weight_decay_schedule=weight_decay_schedule,
+                      scalar_optimizer=scalar_optimizer, scalar_lr=scalar_lr,
+                      scalar_weight_decay=scalar_weight_decay, betas=tuple(betas), scalar_eps=scalar_eps)
+        super().__init__(params, {**shared, **defaults})
+
+    @classmethod
+    def for_model(cls, model, *, split_fused: bool = True, embedding_lr=None, head_lr=None, **kwargs):
+        """``cls(param_groups(model, ...), **kwargs)``: roles and layouts read from the model."""
+        groups = param_groups(model, split_fused=split_fused, embedding_lr=embedding_lr, head_lr=head_lr)
+        return cls(groups, **kwargs)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -329,9 +346,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             if not st:
                 scalar_path.init_state(st, p, kind, state_dtype(p))
-            st["step"] += 1
+            st[STEP] += 1
             states.append(st)
-        grads = [p.grad if p.grad.dtype == s["exp_avg"].dtype else p.grad.to(s["exp_avg"].dtype)
+        grads = [p.grad if p.grad.dtype == s[EXP_AVG].dtype else p.grad.to(s[EXP_AVG].dtype)
                  for p, s in zip(params, states)]
         shrink = decay_shrink(group)
         if kind == "adamw":
@@ -360,38 +377,49 @@ class SpectralOptimizer(torch.optim.Optimizer):
         )
 
     def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        layout, split = group["layout"], group["split"]
-        states = []
-        for p in params:
-            if p.ndim < 2:
-                raise UnsupportedParameterError(
-                    f"a matrix-path parameter arrived with shape {tuple(p.shape)}: something flattened it "
-                    "after the optimizer was built (DeepSpeed ZeRO or FSDP1). Use FSDP2 or DDP"
-                )
-            st = self.state[p]
-            if not st:
-                st["step"] = 0
-                st["momentum"] = torch.zeros_like(p, dtype=state_dtype(p))
-                self._init_matrix_state(st, p, group)
-            st["step"] += 1
-            states.append(st)
-        bufs = [s["momentum"] for s in states]
+        states = [self._matrix_state(group, p) for p in params]
+        bufs = [s[MOMENTUM] for s in states]
         grads = [p.grad if p.grad.dtype == b.dtype else p.grad.to(b.dtype) for p, b in zip(params, bufs)]
+        directions = self._update_momentum(group, bufs, grads)
+        shrink = decay_shrink(group)
+        for bucket in self._buckets(group, params, grads, states, directions):
+            update, ratio = self._bucket_update(bucket)
+            self._apply_update(bucket, update, group["lr"] * ratio, shrink)
+
+    def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
+        """The parameter's state, created on its first step (lazily: FSDP2 swaps parameters after
+        the optimizer is built), with its step counter advanced."""
+        if p.ndim < 2:
+            raise UnsupportedParameterError(
+                f"a matrix-path parameter arrived with shape {tuple(p.shape)}: something flattened it "
+                "after the optimizer was built (DeepSpeed ZeRO or FSDP1). Use FSDP2 or DDP"
+            )
+        st = self.state[p]
+        if not st:
+            st[STEP] = 0
+            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
+            self._init_matrix_state(st, p, group)
+        st[STEP] += 1
+        return st
+
+    def _update_momentum(self, group: dict, bufs: list[torch.Tensor], grads: list[torch.Tensor]):
+        """Advance the momentum buffers in place; return what is orthogonalised (buffer or Nesterov mix)."""
         mu = group["momentum"]
         if self.momentum_form == "ema":
             torch._foreach_lerp_(bufs, grads, 1 - mu)
-            directions = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        else:
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-            directions = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            return torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
 
-        buckets: dict[tuple, list[int]] = defaultdict(list)
+    def _buckets(self, group, params, grads, states, directions):
+        """One :class:`Bucket` per (block shape, device): the directions stacked as (blocks, m, n)."""
+        layout, split = group["layout"], group["split"]
+        members: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             _, m, n = matrix_dims(p.shape, layout, split)
-            buckets[(m, n, p.device)].append(i)
-        shrink = decay_shrink(group)
-        for (m, n, device), idx in buckets.items():
+            members[(m, n, p.device)].append(i)
+        for (m, n, device), idx in members.items():
             counts = [matrix_dims(params[i].shape, layout, split)[0] for i in idx]
             dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
             x = torch.empty((sum(counts), m, n), dtype=dtype, device=device)
@@ -399,15 +427,19 @@ class SpectralOptimizer(torch.optim.Optimizer):
                             [states[i] for i in idx], counts, x)
             for i, o, k in zip(idx, bucket.offsets, counts):
                 x[o : o + k].copy_(to_blocks(directions[i], layout, split))
-            update, ratio = self._bucket_update(bucket)
-            ps = bucket.params
-            if shrink != 1.0:
-                torch._foreach_mul_(ps, shrink)
-            updates = [from_blocks(update[o : o + k], layout, p.shape)
-                       for p, o, k in zip(ps, bucket.offsets, counts)]
-            torch._foreach_add_(ps, updates, alpha=-group["lr"] * ratio)
-            if self.diagnostics_enabled:
-                self._record_update("matrix", [update], group["lr"] * ratio)
+            yield bucket
+
+    def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
+        """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout."""
+        ps = bucket.params
+        if shrink != 1.0:
+            torch._foreach_mul_(ps, shrink)
+        layout = bucket.group["layout"]
+        updates = [from_blocks(update[o : o + k], layout, p.shape)
+                   for p, o, k in zip(ps, bucket.offsets, bucket.counts)]
+        torch._foreach_add_(ps, updates, alpha=-lr)
+        if self.diagnostics_enabled:
+            self._record_update("matrix", [update], lr)
 
     # ------------------------------------------------------------------ diagnostics
     def _record_update(self, role: str, updates: list[torch.Tensor], scale: float) -> None:

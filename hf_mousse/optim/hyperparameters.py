@@ -13,8 +13,10 @@ HELP: dict[str, str] = {
     "momentum": "momentum coefficient mu (Muon, MiMuon: EMA B <- mu B + (1 - mu) G; Mousse: heavy-ball "
                 "M <- mu M + G)",
     "nesterov": "Nesterov momentum: orthogonalise the gradient/momentum mix instead of the momentum",
-    "weight_decay": "decoupled weight decay lambda of the matrix path: W <- W (1 - lr lambda) before the update",
-    "ns": "Newton–Schulz coefficient schedule: keller_jordan, dion, polar_express, cubic, or (a, b, c) triples",
+    "weight_decay": "decoupled weight decay lambda of the matrix path: W <- W (1 - lr lambda) before "
+                    "the update",
+    "ns": "Newton–Schulz coefficient schedule: keller_jordan, dion, polar_express, cubic, or (a, b, c) "
+          "triples",
     "ns_steps": "Newton–Schulz iterations (None: the schedule's own count)",
     "ns_eps": "epsilon added to the Frobenius norm before Newton–Schulz",
     "ns_dtype": "Newton–Schulz dtype: auto (bf16 on CUDA, fp32 elsewhere) or a dtype name",
@@ -42,8 +44,9 @@ HELP: dict[str, str] = {
     "grafting": "rescale the update to the Frobenius norm of the Newton–Schulz output",
     "sides": "preconditioned sides: both, left (output dimension) or right (input dimension)",
     # MiMuon
-    "gap_rule": "singular-value gap statistic: spacing (min adjacent gap / mean adjacent gap) or "
-                "relative (min adjacent gap / largest singular value, the paper's fixed threshold)",
+    "gap_rule": "singular-value gap statistic kappa: scaled ((k - 1) min adjacent gap / largest singular "
+                "value, over the k resolvable values: the tightest gap in units of the mean spacing) or "
+                "relative (min adjacent gap / largest singular value: the paper's fixed threshold)",
     "gap_threshold": "gap statistic at or above which a matrix takes the Muon branch (else momentum SGD)",
     "gap_every": "steps between gap tests (at steps 1, K + 1, 2K + 1, ...); the branch is kept in between",
     "sgd_scale": "SGD-branch update: paper (the momentum) or match (momentum rescaled to Frobenius norm "
@@ -52,11 +55,11 @@ HELP: dict[str, str] = {
 }
 
 
-def args_doc(keys) -> str:
-    """An ``Args:`` docstring section for ``keys``, in order."""
-    lines = ["Args:", "    params: parameters, named parameters or param groups (see hf_mousse.param_groups)."]
-    for key in keys:
-        lines += textwrap.wrap(f"{key}: {HELP[key]}.", 100, initial_indent="    ",
+def args_doc(cls) -> str:
+    """An ``Args:`` docstring section for ``cls``'s hyperparameters, with their defaults."""
+    lines = ["Args:", "    params: parameters, named parameters or param groups (hf_mousse.param_groups)."]
+    for key, (default, _) in constructor_defaults(cls).items():
+        lines += textwrap.wrap(f"{key} (default {default!r}): {HELP[key]}.", 100, initial_indent="    ",
                                subsequent_indent="        ")
     return "\n".join(lines)
 

@@ -82,7 +82,7 @@ def refresh_eigenbasis(
 
 
 def precondition(
-    m: torch.Tensor,
+    direction: torch.Tensor,
     left: tuple[torch.Tensor, torch.Tensor] | None,
     right: tuple[torch.Tensor, torch.Tensor] | None,
     alpha: float,
@@ -91,10 +91,16 @@ def precondition(
 ) -> torch.Tensor:
     """U = Q_L D_L^-a NS(D_L^-a Q_L^T M Q_R D_R^-a) D_R^-a Q_R^T, grafted to ||NS(...)||_F.
 
-    ``left``/``right`` are (eigvals, eigvecs) stacks or None for a side that is not preconditioned.
-    ``orthogonalize`` maps an fp32 stack to its NS output (any dtype). Returns fp32.
+    ``direction`` is the stack (B, m, n) being orthogonalised (momentum or Nesterov mix), already
+    rounded to the NS dtype by the caller as the authors' code does. ``left``/``right`` are
+    (eigvals, eigvecs) stacks or None for a side that is not preconditioned. ``orthogonalize`` maps an
+    fp32 stack to its NS output (any dtype). Returns fp32.
+
+    Rotating, whitening, orthogonalising and mapping back equals L^-a NS(L^-a M R^-a) R^-a for the
+    damped factors L = Q_L D_L Q_L^T, R = Q_R D_R Q_R^T, because NS commutes with orthogonal
+    rotations: NS(Q X P^T) = Q NS(X) P^T.
     """
-    x = m.float()
+    x = direction.float()
     scale = torch.ones((), device=x.device)
     if left is not None:
         x = left[1].mT @ x

@@ -5,13 +5,25 @@ and every choice is an option (ALGORITHMS.md §c.3, README "MiMuon").
 Gap statistic, per matrix block, every ``gap_every`` steps, on the direction D (momentum or
 Nesterov mix) in fp32: the eigenvalues mu_1 >= mu_2 >= ... of the short-side Gram D D^T give
 sigma_i = sqrt(mu_i). Singular values are kept where mu_i > mu_1 * r * eps_fp32 (below that the
-Gram cannot resolve them; r = short side), and
+Gram cannot resolve them; r = short side); with k kept values and adjacent gaps
+delta_i = sigma_i - sigma_{i+1}:
 
-    kappa = min_i (sigma_i - sigma_{i+1}) / sigma_1   over adjacent kept values (inf if < 2 kept).
+    gap_rule="relative":  kappa = min_i delta_i / sigma_1               (the paper's fixed threshold)
+    gap_rule="scaled":    kappa = (k - 1) min_i delta_i / sigma_1
 
-kappa >= gap_threshold selects the Muon branch (update adjust_lr * NS(D)), otherwise the SGD branch
-(update sgd_lr_ratio * D, or D rescaled to Frobenius norm sqrt(r) with sgd_scale="match"). The choice
-is cached as a tensor until the next test, so step() never waits on the device.
+(inf if fewer than two are kept). kappa >= gap_threshold selects the Muon branch (update
+adjust_lr * NS(D)), otherwise the SGD branch (update sgd_lr_ratio * D, or D rescaled to Frobenius norm
+sqrt(min(m, n)) with sgd_scale="match").
+
+The relative gap of a dense spectrum shrinks with the matrix size (k values spread over [0, sigma_1]
+are sigma_1 / (k - 1) apart on average), so one fixed threshold sends every large matrix, even a
+random Gaussian one, to the SGD branch. The scaled rule measures the tightest gap in units of that
+mean spacing, which makes one threshold mean the same for every size; it stays ~0 for a degenerate
+spectrum (equal singular values), where the relative ratio of two rounding errors would not.
+
+The branch is cached as a tensor between tests and also on the host, read once per test (a device
+sync every ``gap_every`` steps, none in between), so that only the Muon-branch blocks pay for
+Newton–Schulz.
 """
 
 from __future__ import annotations
@@ -20,36 +32,38 @@ import math
 
 import torch
 
-from .base import Bucket, _check, lr_ratio
-from .muon import Muon
+from . import state_keys as keys
+from .base import Bucket, SpectralOptimizer, _check, is_due, lr_ratio
+from .hyperparameters import args_doc
 from .roles import matrix_dims
 
 SGD_SCALES = ("paper", "match")
+GAP_RULES = ("scaled", "relative")
 
 
-def relative_gap(d: torch.Tensor) -> torch.Tensor:
-    """kappa per matrix of a stack (B, m, n); +inf where fewer than two singular values are kept."""
+def _kept_singular_values(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma descending, kept mask) per matrix of a stack (B, m, n), from the short-side Gram."""
     g = d @ d.mT if d.size(-2) <= d.size(-1) else d.mT @ d
     mu = torch.linalg.eigvalsh(g).flip(-1).clamp_min(0)  # descending
-    r = mu.size(-1)
-    top = mu[..., :1]
-    kept = mu > top * (r * torch.finfo(mu.dtype).eps)
-    sigma = mu.sqrt()
-    gaps = (sigma[..., :-1] - sigma[..., 1:]) / sigma[..., :1].clamp_min(torch.finfo(mu.dtype).tiny)
-    gaps = torch.where(kept[..., 1:], gaps, torch.full_like(gaps, math.inf))
-    return gaps.amin(dim=-1) if r > 1 else torch.full(mu.shape[:-1], math.inf, device=d.device)
+    kept = mu > mu[..., :1] * (mu.size(-1) * torch.finfo(mu.dtype).eps)
+    return mu.sqrt(), kept
 
 
-class MiMuon(Muon):
-    """Mixed Muon / momentum SGD per matrix, chosen by the singular-value gap.
+def gap_statistic(d: torch.Tensor, rule: str) -> torch.Tensor:
+    """kappa per matrix of a stack (B, m, n) under ``rule``; +inf where fewer than two values are kept."""
+    sigma, kept = _kept_singular_values(d)
+    if sigma.size(-1) < 2:
+        return torch.full(sigma.shape[:-1], math.inf, device=d.device)
+    tiny = torch.finfo(sigma.dtype).tiny
+    gaps = sigma[..., :-1] - sigma[..., 1:]
+    min_gap = torch.where(kept[..., 1:], gaps, torch.full_like(gaps, math.inf)).amin(dim=-1)
+    relative = min_gap / sigma[..., 0].clamp_min(tiny)
+    if rule == "relative":
+        return relative
+    return relative * (kept.sum(dim=-1) - 1).clamp_min(1)  # inf stays inf where < 2 are kept
 
-    Args (beyond :class:`Muon`'s; momentum is the EMA form, so the paper's beta is 1 - momentum):
-        gap_threshold: relative gap kappa at or above which a matrix takes the Muon branch.
-        gap_every: steps between gap tests (tested at t = 1, K + 1, 2K + 1, ...).
-        sgd_scale: "paper" (plain momentum) or "match" (momentum rescaled to NS-output size).
-        sgd_lr_ratio: LR multiplier of the SGD branch.
-    """
 
+class MiMuon(SpectralOptimizer):
     momentum_form = "ema"
     stack_in_ns_dtype = False  # the SGD branch and the gap test need the fp32 momentum
 
@@ -61,17 +75,28 @@ class MiMuon(Muon):
         nesterov: bool = True,
         weight_decay: float = 0.1,
         *,
+        gap_rule: str = "scaled",
         gap_threshold: float = 1e-3,
         gap_every: int = 10,
         sgd_scale: str = "paper",
         sgd_lr_ratio: float = 1.0,
-        **kwargs,
+        ns="keller_jordan",
+        ns_steps: int | None = 5,
+        ns_eps: float = 1e-7,
+        adjust_lr: str | None = "original",
+        **shared,
     ):
-        self._algorithm_defaults = dict(gap_threshold=gap_threshold, gap_every=gap_every,
-                                        sgd_scale=sgd_scale, sgd_lr_ratio=sgd_lr_ratio)
-        super().__init__(params, lr, momentum, nesterov, weight_decay, **kwargs)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        gap_rule=gap_rule, gap_threshold=gap_threshold, gap_every=gap_every,
+                        sgd_scale=sgd_scale, sgd_lr_ratio=sgd_lr_ratio, ns=ns, ns_steps=ns_steps,
+                        ns_eps=ns_eps, adjust_lr=adjust_lr)
+        # Host copy of each parameter's branches: id(state tensor) -> (that tensor, its values). A
+        # tensor loaded from a checkpoint is a new object, so its copy is read afresh.
+        self._branch_on_host: dict[int, tuple[torch.Tensor, list[bool]]] = {}
+        super().__init__(params, defaults, **shared)
 
     def _validate_algorithm(self, g: dict) -> None:
+        _check(g["gap_rule"] in GAP_RULES, "gap_rule", g["gap_rule"], f"one of {GAP_RULES}")
         _check(g["gap_threshold"] >= 0, "gap_threshold", g["gap_threshold"], "a float >= 0")
         k = g["gap_every"]
         _check(isinstance(k, int) and k >= 1, "gap_every", k, "an int >= 1")
@@ -80,33 +105,58 @@ class MiMuon(Muon):
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k = matrix_dims(p.shape, group["layout"], group["split"])[0]
-        state["muon_branch"] = torch.ones(k, dtype=torch.bool, device=p.device)
-        state["muon_branch_steps"] = torch.zeros(k, device=p.device)
+        state[keys.MUON_BRANCH] = torch.ones(k, dtype=torch.bool, device=p.device)
+        state[keys.MUON_BRANCH_STEPS] = torch.zeros(k, device=p.device)
 
     def _bucket_update(self, bucket: Bucket):
         group = bucket.group
         d = bucket.x  # fp32
-        period = group["gap_every"]
-        due = [i for i, st in enumerate(bucket.states) if period == 1 or st["step"] % period == 1]
-        if due:  # one batched eigvalsh for every matrix tested this step
-            passed = (relative_gap(d[bucket.rows(due)]) >= group["gap_threshold"]).split(
-                [bucket.counts[i] for i in due])
-            for i, ok in zip(due, passed):
-                bucket.states[i]["muon_branch"].copy_(ok)
+        self._test_gaps(bucket)
+        on_muon = [b for st in bucket.states for b in self._host_branch(st)]
         for st in bucket.states:
-            st["muon_branch_steps"].add_(st["muon_branch"])
-        branch = bucket.cat_state("muon_branch")[:, None, None]
+            st[keys.MUON_BRANCH_STEPS].add_(st[keys.MUON_BRANCH])
         _, m, n = d.shape
-        muon = self.orthogonalize(group, d).float() * lr_ratio(group["adjust_lr"], m, n)
+        ratio = lr_ratio(group["adjust_lr"], m, n)
+        if all(on_muon):
+            return self.orthogonalize(group, d), ratio
+        update = self._sgd_update(group, d)
+        rows = [i for i, b in enumerate(on_muon) if b]
+        if rows:  # Newton–Schulz only for the blocks on the Muon branch
+            idx = torch.tensor(rows, device=d.device)
+            update[idx] = self.orthogonalize(group, d[idx]).float() * ratio
+        return update, 1.0
+
+    def _test_gaps(self, bucket: Bucket) -> None:
+        """Re-choose the branch of the blocks whose gap test is due: one batched eigvalsh."""
+        group = bucket.group
+        due = [i for i, st in enumerate(bucket.states) if is_due(st[keys.STEP], group["gap_every"])]
+        if not due:
+            return
+        kappa = gap_statistic(bucket.x[bucket.rows(due)], group["gap_rule"])
+        passed = (kappa >= group["gap_threshold"]).split([bucket.counts[i] for i in due])
+        for i, ok in zip(due, passed):
+            branch = bucket.states[i][keys.MUON_BRANCH]
+            branch.copy_(ok)
+            self._branch_on_host[id(branch)] = (branch, ok.tolist())  # the one sync, at test steps only
+
+    def _host_branch(self, state: dict) -> list[bool]:
+        branch = state[keys.MUON_BRANCH]
+        cached = self._branch_on_host.get(id(branch))
+        if cached is None or cached[0] is not branch:
+            cached = self._branch_on_host[id(branch)] = (branch, branch.tolist())
+        return cached[1]
+
+    @staticmethod
+    def _sgd_update(group: dict, d: torch.Tensor) -> torch.Tensor:
         sgd = d * group["sgd_lr_ratio"]
-        if group["sgd_scale"] == "match":
+        if group["sgd_scale"] == "match":  # Frobenius norm sqrt(min(m, n)), that of an NS output
             norm = torch.linalg.vector_norm(d, dim=(-2, -1), keepdim=True)
-            sgd = sgd * (math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(d.dtype).tiny))
-        return torch.where(branch, muon, sgd), 1.0
+            sgd = sgd * (math.sqrt(min(d.shape[-2:])) / norm.clamp_min(torch.finfo(d.dtype).tiny))
+        return sgd
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Share of matrix blocks currently on the Muon branch."""
-        branches = [st["muon_branch"] for st in self.state.values() if "muon_branch" in st]
+        branches = [st[keys.MUON_BRANCH] for st in self.state.values() if keys.MUON_BRANCH in st]
         if not branches:
             return {}
         return {"optim/muon_branch_share": torch.cat(branches).float().mean()}
@@ -118,6 +168,14 @@ class MiMuon(Muon):
             names = g.get("param_names") or [f"{len(out)}:{i}" for i in range(len(g["params"]))]
             for name, p in zip(names, g["params"]):
                 st = self.state.get(p, {})
-                if "muon_branch_steps" in st and st["step"]:
-                    out[name] = (st["muon_branch_steps"].mean() / st["step"]).item()
+                if keys.MUON_BRANCH_STEPS in st and st[keys.STEP]:
+                    out[name] = (st[keys.MUON_BRANCH_STEPS].mean() / st[keys.STEP]).item()
         return out
+
+
+MiMuon.__doc__ = f"""Muon or momentum SGD per matrix, chosen by the singular-value gap (module docstring).
+
+Momentum is the EMA form, so the paper's beta is 1 - momentum.
+
+{args_doc(MiMuon)}
+"""

@@ -22,19 +22,19 @@ from torch import nn
 
 LAYOUTS = ("linear", "in_out", "conv")
 
-# Fused projections whose output rows are equal, contiguous blocks. ``square`` demands out == k * in
-# (multi-head attention with equal Q, K, V); grouped-query fusions are left whole, because their
-# blocks differ in size.
-# PEFT names: LoRA factors of an embedding and full trainable copies (modules_to_save, usually heads
-# or embeddings) train like embeddings, on the scalar path.
+# Model conventions read from parameter names, without importing the libraries that set them
+# (this module is the one home for "which parameter plays which role"; plain-PyTorch users of a PEFT
+# model get the same roles as the Trainer routes):
+# - PEFT: full trainable copies (modules_to_save, usually heads or embeddings) and LoRA factors of
+#   an embedding train like embeddings, on the scalar path;
 PEFT_SCALAR_PARTS = frozenset({"lora_embedding_A", "lora_embedding_B", "modules_to_save"})
-
-# PEFT LoRA factors take the matrix path, A (r x in) and B (out x r) both, as in every measured
-# Muon-on-LoRA setup (README "PEFT"). For Mousse only the rank side is whitened: the other factor
-# is in x in (or out x out), as large as in full fine-tuning, while a rank-r gradient fills little
-# of it. Muon and MiMuon ignore the key.
-LORA_SIDES = {"lora_A": "left", "lora_B": "right"}
-
+# - PEFT LoRA factors take the matrix path, A (r x in) and B (out x r) both, as in every measured
+#   Muon-on-LoRA setup (README "PEFT"). Their groups record which side is the rank r
+#   (``low_rank_side``); an algorithm may use it (Mousse whitens only that side).
+LORA_RANK_SIDES = {"lora_A": "left", "lora_B": "right"}
+# - fused projections whose output rows are equal, contiguous blocks. ``square`` demands
+#   out == k * in (multi-head attention with equal Q, K, V); grouped-query fusions are left whole,
+#   because their blocks differ in size.
 DEFAULT_FUSED: dict[str, tuple[int, bool]] = {
     "c_attn": (3, True),  # GPT-2: split(n_embd, dim=2) -> q, k, v
     "qkv_proj": (3, True),  # Phi-3 (MHA variants)
@@ -126,67 +126,56 @@ def param_groups(
     """
     fused = (DEFAULT_FUSED if fused is None else fused) if split_fused else {}
     modules = dict(model.named_modules())
+    embedding_ids, head_ids = _embedding_and_head_ids(model, modules)
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        group = _classify(name, p, modules, model, embedding_ids, head_ids, fused)
+        g = groups.setdefault(group["group_name"], {"params": [], "param_names": [], **group})
+        g["params"].append(p)
+        g["param_names"].append(name)
+    overrides = {
+        "matrix": {"lr": lr, "weight_decay": weight_decay},
+        "scalar": {"lr": scalar_lr, "weight_decay": scalar_weight_decay},
+        "embedding": {"lr": scalar_lr if embedding_lr is None else embedding_lr,
+                      "weight_decay": scalar_weight_decay},
+        "head": {"lr": scalar_lr if head_lr is None else head_lr, "weight_decay": scalar_weight_decay},
+    }
+    for g in groups.values():
+        kind = g["role"] if g["role"] == "matrix" else g["group_name"]
+        g.update({k: v for k, v in overrides[kind].items() if v is not None})
+    return list(groups.values())
+
+
+def _embedding_and_head_ids(model: nn.Module, modules: dict) -> tuple[set[int], set[int]]:
+    """ids of the embedding weights (every nn.Embedding and the input embeddings) and of an untied head."""
     embedding_ids = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
     head_ids: set[int] = set()
     for getter, ids in (("get_input_embeddings", embedding_ids), ("get_output_embeddings", head_ids)):
         fn = getattr(model, getter, None)
-        mod = fn() if callable(fn) else None
-        weight = getattr(mod, "weight", None) if mod is not None else None
+        weight = getattr(fn() if callable(fn) else None, "weight", None)
         if isinstance(weight, torch.Tensor):
             ids.add(id(weight))
-    head_ids -= embedding_ids  # a tied head is the embedding
+    return embedding_ids, head_ids - embedding_ids  # a tied head is the embedding
 
-    buckets: dict[tuple, dict] = {}
 
-    def put(key: tuple, name: str, p: torch.Tensor, **extra) -> None:
-        g = buckets.setdefault(key, {"params": [], "param_names": [], **extra})
-        g["params"].append(p)
-        g["param_names"].append(name)
-
-    for name, p in model.named_parameters():
-        if trainable_only and not p.requires_grad:
-            continue
-        if id(p) in head_ids:  # before the PEFT check: a modules_to_save head is still the head
-            put(("head",), name, p, role="scalar", group_name="head")
-            continue
-        if id(p) in embedding_ids or not PEFT_SCALAR_PARTS.isdisjoint(name.split(".")):
-            put(("embedding",), name, p, role="scalar", group_name="embedding")
-            continue
-        module_name, _, _ = name.rpartition(".")
-        module = modules.get(module_name, model)
-        layout = default_layout(p) and _module_layout(module, p)
-        if layout is None or min(matrix_dims(p.shape, layout)[1:]) < 2:
-            put(("scalar",), name, p, role="scalar", group_name="scalar")
-            continue
-        lora = LORA_SIDES.keys() & set(name.split("."))
-        if lora:  # PEFT LoRA factor: whiten only the r x r side (see LORA_SIDES)
-            part = lora.pop()
-            put(("matrix", layout, part), name, p, role="matrix", layout=layout, split=1,
-                sides=LORA_SIDES[part], group_name=f"matrix.{part}")
-            continue
-        split = _fused_split(module_name.rpartition(".")[2], p.shape, layout, fused)
-        put(
-            ("matrix", layout, split),
-            name,
-            p,
-            role="matrix",
-            layout=layout,
-            split=split,
-            group_name="matrix" if (layout, split) == ("linear", 1) else f"matrix.{layout}.split{split}",
-        )
-
-    overrides = {
-        "matrix": {"lr": lr, "weight_decay": weight_decay},
-        "scalar": {"lr": scalar_lr, "weight_decay": scalar_weight_decay},
-        "embedding": {"lr": embedding_lr if embedding_lr is not None else scalar_lr,
-                      "weight_decay": scalar_weight_decay},
-        "head": {"lr": head_lr if head_lr is not None else scalar_lr, "weight_decay": scalar_weight_decay},
-    }
-    groups = []
-    for key, g in buckets.items():
-        for k, v in overrides[key[0]].items():
-            if v is not None:
-                g[k] = v
-        groups.append(g)
-    return groups
-
+def _classify(name: str, p: torch.Tensor, modules: dict, model: nn.Module, embedding_ids: set[int],
+              head_ids: set[int], fused: dict) -> dict:
+    """The group keys of one parameter: its role, group name and, for matrices, layout and split."""
+    parts = set(name.split("."))
+    if id(p) in head_ids:  # before the PEFT check: a modules_to_save head is still the head
+        return {"role": "scalar", "group_name": "head"}
+    if id(p) in embedding_ids or not PEFT_SCALAR_PARTS.isdisjoint(parts):
+        return {"role": "scalar", "group_name": "embedding"}
+    module_name = name.rpartition(".")[0]
+    layout = default_layout(p) and _module_layout(modules.get(module_name, model), p)
+    if layout is None or min(matrix_dims(p.shape, layout)[1:]) < 2:
+        return {"role": "scalar", "group_name": "scalar"}
+    lora = sorted(LORA_RANK_SIDES.keys() & parts)
+    if lora:
+        return {"role": "matrix", "layout": layout, "split": 1, "low_rank_side": LORA_RANK_SIDES[lora[0]],
+                "group_name": f"matrix.{lora[0]}" + ("" if layout == "linear" else f".{layout}")}
+    split = _fused_split(module_name.rpartition(".")[2], p.shape, layout, fused)
+    suffix = "" if (layout, split) == ("linear", 1) else f".{layout}.split{split}"
+    return {"role": "matrix", "layout": layout, "split": split, "group_name": "matrix" + suffix}

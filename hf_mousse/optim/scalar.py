@@ -10,28 +10,30 @@ import math
 
 import torch
 
+from .state_keys import EXP_AVG, EXP_AVG_SQ, STEP
+
 SCALAR_OPTIMIZERS = ("adamw", "lion")
 
 
 def init_state(state: dict, p: torch.Tensor, kind: str, state_dtype: torch.dtype) -> None:
-    state["step"] = 0
-    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
+    state[STEP] = 0
+    state[EXP_AVG] = torch.zeros_like(p, dtype=state_dtype)
     if kind == "adamw":
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
+        state[EXP_AVG_SQ] = torch.zeros_like(p, dtype=state_dtype)
 
 
 def adamw(params, grads, states, *, lr: float, betas, eps: float, shrink: float) -> list[torch.Tensor]:
     """torch.optim.AdamW's update (decoupled decay, bias correction), with per-parameter steps.
     Returns the applied updates (for diagnostics)."""
     b1, b2 = betas
-    exp_avgs = [s["exp_avg"] for s in states]
-    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    exp_avgs = [s[EXP_AVG] for s in states]
+    exp_avg_sqs = [s[EXP_AVG_SQ] for s in states]
     torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
     torch._foreach_mul_(exp_avg_sqs, b2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
     if shrink != 1.0:
         torch._foreach_mul_(params, shrink)
-    steps = [s["step"] for s in states]
+    steps = [s[STEP] for s in states]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(1 - b2**t) for t in steps])
     torch._foreach_add_(denom, eps)
@@ -45,7 +47,7 @@ def lion(params, grads, states, *, lr: float, betas, shrink: float) -> list[torc
     """Lion: u = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; W <- W*shrink - lr*u.
     Returns u (the applied update is -lr * u; for diagnostics)."""
     b1, b2 = betas
-    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avgs = [s[EXP_AVG] for s in states]
     updates = torch._foreach_lerp(exp_avgs, grads, 1 - b1)
     torch._foreach_sign_(updates)
     torch._foreach_lerp_(exp_avgs, grads, 1 - b2)
