@@ -9,8 +9,10 @@ not zero them). No model, no forward/backward, no tokens: only ``opt.step()`` is
     python benchmarks/step_time.py                      # CUDA if available, else small CPU run
     python benchmarks/step_time.py --device cpu --set gpt2 --layers 2 --scale 0.25
     python benchmarks/step_time.py --only torch_muon,hf_muon --iters 100
+    python benchmarks/step_time.py --render benchmarks/results/step_time-cpu-gpt2.json   # markdown table
 
-See benchmarks/README.md for what the columns mean.
+Ratios compare like with like: each row is divided by the Muon row that runs Newton-Schulz in the same
+dtype (bf16 rows by torch.optim.Muon, fp32 rows by hf_mousse.Muon). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -53,11 +55,20 @@ PARAM_SETS = {
 LR = 0.02
 ADAMW_LR = 1e-3
 TARGET_RATIO = 0.7  # hf_mousse.Muon step <= 0.7x torch.optim.Muon on GPT-2-124M shapes
+# Baseline of a row = the first of these Muon rows present in the run whose NS dtype equals the row's:
+# bf16 rows are set against torch.optim.Muon, fp32 rows against hf_mousse.Muon (fp32). A row without NS
+# (AdamW, "-") is set against the Muon row of hf_mousse's default NS dtype on that device.
+BASELINE_ORDER = ("torch_muon", "hf_muon", "hf_muon_bf16")
+
+
+def auto_ns_dtype(device_type: str) -> str:
+    """What hf_mousse's ns_dtype="auto" resolves to on this device type."""
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def optimizers(device: torch.device) -> list[dict]:
     """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses."""
-    auto = "bf16" if device.type == "cuda" else "fp32"  # what hf_mousse's ns_dtype="auto" resolves to
+    auto = auto_ns_dtype(device.type)
     rows = [
         dict(key="torch_muon", label="torch.optim.Muon", ns="bf16",
              make=lambda ps: torch.optim.Muon(ps, lr=LR)),
@@ -195,32 +206,80 @@ def run_set(name: str, args, device, rows) -> dict:
               flush=True)
     del master_params, master_grads
 
-    ref = next((r for r in results if r["key"] == "torch_muon"), None)
-    for r in results:
-        r["ratio_median"] = r["median_ms"] / ref["median_ms"] if ref else None
-        r["ratio_mean"] = r["mean_ms"] / ref["mean_ms"] if ref else None
+    add_ratios(results, auto_ns_dtype(device.type))
     print_table(results)
     return dict(title=spec["title"], layers=layers, scale=args.scale, full_size=full,
                 shapes={n: list(s) for n, s in unique.items()}, num_matrices=len(shapes),
                 num_params=sum(o * k for _, (o, k) in shapes), results=results)
 
 
+def baseline_for(row: dict, results: list[dict], auto: str) -> dict | None:
+    """The Muon row this row is compared with: same NS dtype (see BASELINE_ORDER)."""
+    dtype = auto if row["ns_dtype"] == "-" else row["ns_dtype"]
+    by_key = {r["key"]: r for r in results}
+    return next((by_key[k] for k in BASELINE_ORDER if k in by_key and by_key[k]["ns_dtype"] == dtype), None)
+
+
+def add_ratios(results: list[dict], auto: str) -> None:
+    """Set baseline, ratio_median and ratio_mean of every row (recomputed from the step times)."""
+    for r in results:
+        ref = baseline_for(r, results, auto)
+        r["baseline"] = ref["key"] if ref else None
+        r["ratio_median"] = r["median_ms"] / ref["median_ms"] if ref else None
+        r["ratio_mean"] = r["mean_ms"] / ref["mean_ms"] if ref else None
+
+
+def _baseline_label(r: dict, results: list[dict]) -> str:
+    ref = next((x for x in results if x["key"] == r.get("baseline")), None)
+    return f"{ref['label']} ({ref['ns_dtype']})" if ref else "n/a"
+
+
 def print_table(results: list[dict]) -> None:
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}x"  # noqa: E731
-    head = ["optimizer", "NS dtype", "median ms", "median ms", "mean ms", "ratio", "ratio"]
-    sub = ["", "", "(all)", "(no refresh)", "(all)", "median", "mean"]
+    head = ["optimizer", "NS dtype", "median ms", "median ms", "mean ms", "ratio", "ratio", "baseline"]
+    sub = ["", "", "(all)", "(no refresh)", "(all)", "median", "mean", "(same NS dtype)"]
     lines = [[r["label"], r["ns_dtype"], f"{r['median_ms']:.2f}", f"{r['median_no_refresh_ms']:.2f}",
-              f"{r['mean_ms']:.2f}", fmt(r["ratio_median"]), fmt(r["ratio_mean"])] for r in results]
+              f"{r['mean_ms']:.2f}", fmt(r["ratio_median"]), fmt(r["ratio_mean"]),
+              _baseline_label(r, results)] for r in results]
     widths = [max(len(x[i]) for x in [head, sub, *lines]) for i in range(len(head))]
     show = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     print()
     print(show(head))
     print(show(sub))
-    print("-" * len(show(head)))
+    print("-" * max(len(show(x)) for x in [head, *lines]))
     for line in lines:
         print(show(line))
-    print("ratio = time / torch.optim.Muon time in this run (median over median, mean over mean)")
+    print("ratio = time / time of the baseline row in this run (median over median, mean over mean); the "
+          "baseline\n  runs Newton-Schulz in the same dtype (bf16: torch.optim.Muon; fp32: hf_mousse.Muon)")
+
+
+def render_markdown(data: dict) -> str:
+    """Markdown table(s) of a result JSON written by this script. Ratios are recomputed from the stored
+    step times with the same-NS-dtype baselines (older files stored ratios against torch.optim.Muon)."""
+    meta = data["meta"]
+    auto = meta.get("ns_dtype_auto") or auto_ns_dtype(meta["device"].split(":")[0])
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}x"  # noqa: E731
+    out = []
+    for s in data["sets"].values():
+        results = [dict(r) for r in s["results"]]
+        add_ratios(results, auto)
+        shapes = ", ".join(f"{o}x{k}" for o, k in s["shapes"].values())
+        out.append(f"{s['title']}: {s['layers']} layers, dimensions x{s['scale']:g} ({shapes}); "
+                   f"{meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+                   f"commit {meta['commit']}; "
+                   f"median / mean of {meta['iters']} steps after {meta['warmup']} warm-up steps; "
+                   f"1-min load average {meta['loadavg_1min_at_start']:.2f} at start.")
+        out.append("")
+        out.append("| optimizer | NS dtype | median ms | mean ms (incl. refresh) | vs (same NS dtype) "
+                   "| ratio (median) | ratio (mean) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in results:
+            out.append(f"| {r['label']} | {r['ns_dtype']} | {r['median_ms']:.1f} | {r['mean_ms']:.1f} | "
+                       f"{_baseline_label(r, results)} | {fmt(r['ratio_median'])} | {fmt(r['ratio_mean'])} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def target_check(device, sets: dict) -> dict | None:
@@ -232,7 +291,7 @@ def target_check(device, sets: dict) -> dict | None:
     if "torch_muon" not in res or key not in res:
         print("\nTarget check skipped: needs rows torch_muon and " + key)
         return None
-    ratio = res[key]["ratio_median"]
+    ratio = res[key]["median_ms"] / res["torch_muon"]["median_ms"]
     met = ratio <= TARGET_RATIO
     full = sets["gpt2"]["full_size"]
     print(f"\nTarget: hf_mousse.Muon step <= {TARGET_RATIO}x torch.optim.Muon on GPT-2-124M shapes, "
@@ -262,13 +321,17 @@ def parse_args():
                     help="timed steps, ideally a multiple of 10 (default: 50 CUDA, 10 CPU)")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
-                         "mousse_both, mousse_left, mimuon, adamw")
+                         "mousse_both, mousse_left, mimuon, adamw (a row whose same-NS-dtype Muon "
+                         "baseline is left out gets ratio n/a)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(N) (default: torch's choice); on a shared CPU, fewer "
                          "threads than cores avoids OpenMP slowdowns under contention")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None,
                     help="JSON path (default: benchmarks/results/step_time-<device>-<set>.json)")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="print the markdown table of a result file written by this script and exit "
+                         "(nothing is timed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -286,6 +349,9 @@ def parse_args():
 
 def main():
     args, device = parse_args()
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())), end="")
+        return
     rows = optimizers(device)
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -298,7 +364,8 @@ def main():
     meta = dict(
         device=str(device), device_name=device_name(device), torch=torch.__version__,
         hf_mousse=hf_mousse.__version__, commit=git_commit(), python=platform.python_version(),
-        param_dtype="float32", set=args.set, warmup=args.warmup, iters=args.iters, seed=args.seed,
+        param_dtype="float32", ns_dtype_auto=auto_ns_dtype(device.type), set=args.set,
+        warmup=args.warmup, iters=args.iters, seed=args.seed,
         settings={"lr": LR, "adamw_lr": ADAMW_LR,
                   "torch.optim.Muon": "lr=0.02, torch defaults (bf16 NS, Keller Jordan coeffs, 5 steps)",
                   "hf_mousse": "lr=0.02, class defaults (ns_dtype='auto': bf16 on CUDA, fp32 elsewhere)",
@@ -321,8 +388,8 @@ def main():
                   "the CPU,\n  and CPU timings (eigh especially) degrade badly under contention.")
         print("FAIRNESS (CPU): torch.optim.Muon hard-codes bf16 Newton-Schulz, which is ~60x slower "
               "than fp32 on\n  CPUs without bf16 units; hf_mousse defaults to fp32 NS on CPU. "
-              "Compare torch.optim.Muon with the\n  hf_mousse.Muon(ns_dtype=bf16) row for apples to "
-              "apples; the default rows use fp32 NS.")
+              "Ratios therefore compare like with like:\n  bf16 rows against torch.optim.Muon, fp32 rows "
+              "against hf_mousse.Muon (fp32).")
     else:
         print("NS dtype: hf_mousse's ns_dtype='auto' is bf16 on CUDA, as in torch.optim.Muon.")
     if args.iters % 10:
