@@ -55,14 +55,16 @@ def _check(ok: bool, key: str, value, expected: str) -> None:
 
 @dataclass
 class Bucket:
-    """Same-shape matrix blocks of one param group, stacked for batched kernels."""
+    """Same-shape (m x n) matrix blocks of one param group on one device, stacked for batched kernels."""
 
     group: dict
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     states: list[dict]
     counts: list[int]  # blocks per parameter
-    x: torch.Tensor  # (blocks, m, n) stacked momentum (or Nesterov mix), logical layout
+    block_shape: tuple[int, int]  # (m, n): rows (fan-out) x columns (fan-in)
+    device: torch.device
+    x: torch.Tensor = field(init=False)  # (blocks, m, n) stacked momentum (or Nesterov mix)
     offsets: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class Bucket:
     def stack(self, tensors: list[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
         """Stack per-parameter tensors (storage layout) into logical (blocks, m, n) form."""
         layout, split = self.group["layout"], self.group["split"]
-        out = torch.empty(self.x.shape, dtype=dtype, device=self.x.device)
+        out = torch.empty((sum(self.counts), *self.block_shape), dtype=dtype, device=self.device)
         for t, o, k in zip(tensors, self.offsets, self.counts):
             out[o : o + k].copy_(to_blocks(t, layout, split))
         return out
@@ -81,8 +83,7 @@ class Bucket:
 
     def rows(self, indices: list[int]) -> torch.Tensor:
         """Block indices (into the stack) of the given parameters."""
-        dev = self.x.device
-        return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.counts[i], device=dev)
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.counts[i], device=self.device)
                           for i in indices])
 
 
@@ -421,12 +422,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
             members[(m, n, p.device)].append(i)
         for (m, n, device), idx in members.items():
             counts = [matrix_dims(params[i].shape, layout, split)[0] for i in idx]
-            dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
-            x = torch.empty((sum(counts), m, n), dtype=dtype, device=device)
             bucket = Bucket(group, [params[i] for i in idx], [grads[i] for i in idx],
-                            [states[i] for i in idx], counts, x)
-            for i, o, k in zip(idx, bucket.offsets, counts):
-                x[o : o + k].copy_(to_blocks(directions[i], layout, split))
+                            [states[i] for i in idx], counts, (m, n), device)
+            dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
+            bucket.x = bucket.stack([directions[i] for i in idx], dtype)
             yield bucket
 
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
