@@ -40,7 +40,8 @@ HELP: dict[str, str] = {
     "beta": "EMA coefficient of the Kronecker factors L = E[G G^T], R = E[G^T G]",
     "refresh_every": "T: the factors' eigenbases are recomputed at steps 1, T + 1, 2T + 1, ...",
     "eps": "damping of the factors, relative to their mean eigenvalue 1",
-    "bias_correction": "divide the factors by 1 - beta^t before each refresh",
+    "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
+                       "that follows cancels it; kept for fidelity with the authors' code)",
     "grafting": "rescale the update to the Frobenius norm of the Newton–Schulz output",
     "sides": "preconditioned sides: both, left (output dimension) or right (input dimension)",
     # MiMuon
