@@ -19,3 +19,15 @@ def text_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(pydoc_text()[:40_000], encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny tensor ops on one thread: on a loaded 2-core machine, intra-op threads
+    for matrices this small cost 5-15x in wall time. Restores the thread count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
