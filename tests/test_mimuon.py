@@ -1,5 +1,6 @@
 """MiMuon's branch logic against the float64 reference (tests/reference.py): the SGD branch's LR
-ratio and scale, the gap test's schedule (cached between tests) and its rank-deficiency filter."""
+ratio and scale, the gap test's schedule (cached between tests), its rank-deficiency filter, and the
+size-aware default gap rule."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from hf_mousse import MiMuon
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Every hyperparameter the tests depend on, explicitly (defaults may be re-calibrated).
-BASE = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, gap_every=5, sgd_scale="paper",
+BASE = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, gap_rule="relative", gap_every=5,
+            sgd_scale="paper",
             sgd_lr_ratio=1.0, ns="keller_jordan", ns_steps=5, ns_eps=1e-7, ns_dtype="float32",
             adjust_lr="original")
 # The reference takes the same keys, except the NS ones, which reference() translates.
@@ -151,7 +153,7 @@ def test_rank_deficient_momentum_with_separated_spectrum_takes_muon_branch():
     grads = [base * (1 + 0.1 * t) for t in range(7)]  # same singular vectors: momentum stays rank 4
     w0 = start(shape, seed=6)
     kw = {**BASE, "gap_threshold": 0.1, "gap_every": 3}
-    assert ref.relative_gap(base) == pytest.approx(0.25)
+    assert ref.gap_statistic(base, "relative") == pytest.approx(0.25)
 
     expected, branches = reference(w0, grads, **kw)
     assert all(branches)
@@ -170,10 +172,50 @@ def test_small_but_resolvable_singular_values_count_in_the_gap():
     grads = [base * (1 + 0.1 * t) for t in range(7)]
     w0 = start(shape, seed=8)
     kw = {**BASE, "gap_threshold": 0.01, "gap_every": 3}
-    assert ref.relative_gap(base) == pytest.approx(1e-4)
+    assert ref.gap_statistic(base, "relative") == pytest.approx(1e-4)
 
     expected, branches = reference(w0, grads, **kw)
     assert not any(branches)
     got, fraction = run(w0, grads, **kw)
     assert fraction == 0.0
+    assert rel_err(got[-1], expected[-1], w0) < 1e-4
+
+
+def test_scaled_rule_measures_the_gap_in_mean_spacings():
+    """gap_rule="scaled" (the default) is the relative gap times (k - 1), k = resolvable singular
+    values: at the default threshold a random Gaussian momentum takes the Muon branch whatever its
+    size (its relative gap shrinks with the size and falls below 1e-3 from ~256 on), while one with
+    equal singular values (already orthogonal up to scale) takes the SGD branch."""
+    g = torch.Generator().manual_seed(9)
+    for n in (32, 256):
+        d = torch.randn(n, n, generator=g, dtype=torch.float64)
+        s = torch.linalg.svdvals(d)
+        k = int((s**2 > s[0] ** 2 * n * torch.finfo(torch.float32).eps).sum())  # resolvable values
+        relative, scaled = ref.gap_statistic(d, "relative"), ref.gap_statistic(d, "scaled")
+        assert k > n // 2 and scaled == pytest.approx(relative * (k - 1))
+        opt = MiMuon([torch.nn.Parameter(torch.zeros(n, n))], lr=0.01)  # the default rule and threshold
+        opt.param_groups[0]["params"][0].grad = d.float()
+        opt.step()
+        assert opt.muon_branch_fraction() == {"0:0": 1.0}, f"{n}x{n} Gaussian: scaled gap {scaled:.2e}"
+    assert ref.gap_statistic(torch.randn(256, 256, generator=g, dtype=torch.float64), "relative") < 1e-3
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    opt = MiMuon([torch.nn.Parameter(torch.zeros(32, 32))], lr=0.01)
+    opt.param_groups[0]["params"][0].grad = q.float()
+    opt.step()
+    assert opt.muon_branch_fraction() == {"0:0": 0.0}
+
+
+def test_scaled_rule_matches_reference_across_a_switch():
+    """The default rule over a run whose spectrum goes flat mid-way: same weights and branches as the
+    float64 reference, with both branches taken."""
+    shape = (10, 14)
+    spread = spectrum_matrix(shape, torch.linspace(1.0, 0.1, 10).tolist(), seed=10) * 4
+    flat = spectrum_matrix(shape, [3.0] * 10, seed=11)
+    grads = [spread] * 6 + [flat] * 14
+    w0 = start(shape, seed=12)
+    kw = {**BASE, "gap_rule": "scaled", "gap_threshold": 1e-3, "gap_every": 5, "momentum": 0.3}
+    expected, branches = reference(w0, grads, **kw)
+    assert 0 < sum(branches) < len(branches)
+    got, fraction = run(w0, grads, **kw)
+    assert fraction == pytest.approx(sum(branches) / len(branches))
     assert rel_err(got[-1], expected[-1], w0) < 1e-4
