@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidHyperparameterError
+from .integration.registry import register
 from .integration.trainer_hooks import inner_optimizer
 from .metrics import perplexity_from_loss
 
@@ -289,18 +290,28 @@ def _dataset_names(spec: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the job
-def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = None) -> list[dict]:
-    """Run every optimizer of ``recipe``; returns one summary per run (printed by the CLI)."""
-    from . import data
-    from .integration.registry import register
+def output_dir(recipe: dict) -> str:
+    """Where the recipe's runs go: ``output_dir``, or ``runs/<name>``."""
+    return recipe.get("output_dir") or os.path.join("runs", recipe["name"])
 
-    register()
-    out = recipe.get("output_dir") or os.path.join("runs", recipe["name"])
+
+def prepare_data(recipe: dict):
+    """(packed train/validation blocks, tokenizer) of the recipe's ``data`` and ``tokenizer`` sections."""
+    from . import data
+
     data_spec = dict(recipe["data"])
     block = data_spec.pop("block_size")
     texts = data.load_text_datasets(data_spec)
     tokenizer = data.load_tokenizer(recipe["tokenizer"], lambda: list(texts["train"]["text"]))
     packed = {split: data.pack(texts[split], tokenizer, block) for split in ("train", "validation")}
+    return packed, tokenizer
+
+
+def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = None) -> list[dict]:
+    """Run every optimizer of ``recipe``; returns one summary per run (printed by the CLI)."""
+    register()
+    out = output_dir(recipe)
+    packed, tokenizer = prepare_data(recipe)
     runs = [recipe["optimizer"], *recipe.get("compare", [])]
     results = []
     for optimizer in runs:
@@ -310,9 +321,14 @@ def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = 
         plot_losses({r["optimizer"]: r["curve"] for r in results}, os.path.join(out, "loss_curves.png"),
                     recipe["name"])
     if push_to_hub:
-        from .integration.model_card import push_to_hub as push
-
-        for r in results:
-            repo = push_to_hub if len(runs) == 1 else f"{push_to_hub}-{r['optimizer']}"
-            push(r["output_dir"], repo, include_checkpoints=True)
+        push_results(results, push_to_hub)
     return results
+
+
+def push_results(results: list[dict], repo_id: str) -> None:
+    """Upload each run with its newest checkpoint: to ``repo_id``, or ``repo_id-<optimizer>`` for several."""
+    from .integration.model_card import push_to_hub
+
+    for r in results:
+        repo = repo_id if len(results) == 1 else f"{repo_id}-{r['optimizer']}"
+        push_to_hub(r["output_dir"], repo, include_checkpoints=True)

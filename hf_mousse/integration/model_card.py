@@ -260,18 +260,21 @@ def _is_repo_id(name: str | None) -> bool:
     return bool(name) and bool(_REPO_ID.match(name)) and not os.path.exists(name)
 
 
-def render_model_card(report: TrainingReport):
-    """The model card (``huggingface_hub.ModelCard``) of ``report``: YAML metadata with a ``model-index``
-    (final eval loss and perplexity) and the text of ``model_cards/mousse_model_card.md``."""
-    from huggingface_hub import ModelCard, ModelCardData
+def _hub_base(report: TrainingReport) -> str | None:
+    """The base model if it is a Hub repo id (a local path is only named in the text)."""
+    return report.base_model if _is_repo_id(report.base_model) else None
 
-    hyper = report.optimizer_hyperparameters
+
+def _card_data(report: TrainingReport):
+    """The card's YAML metadata, with a ``model-index`` of the final eval loss and perplexity."""
+    from huggingface_hub import ModelCardData
+
     datasets = list(report.datasets)
     dataset_type = datasets[0] if datasets else "custom"
     dataset_name = ", ".join(datasets) if datasets else "custom"
-    hub_base = report.base_model if _is_repo_id(report.base_model) else None
+    hub_base = _hub_base(report)
     extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
         model_name=report.model_name,
@@ -281,28 +284,36 @@ def render_model_card(report: TrainingReport):
         eval_results=_eval_results(report, dataset_type, dataset_name) or None,
         **extra,
     )
+
+
+def _optimizer_context(report: TrainingReport) -> dict:
+    """Template variables of the optimizer section: table, conventions explained, citations."""
+    hyper = report.optimizer_hyperparameters
+    ours = report.optimizer in NAMES
     adjust_lr = str(hyper["adjust_lr"]) if "adjust_lr" in hyper else None
     wd_schedule = hyper.get("weight_decay_schedule")
     cite_mimuon, cite_wd = report.optimizer == "mimuon", wd_schedule == "corrected"
     cited = ["Mousse", "Muon"] + ["MiMuon"] * cite_mimuon + ["corrected decoupled weight decay"] * cite_wd
-    tokens_per_step = (report.tokens_seen // report.train_steps
-                       if report.train_steps and report.tokens_seen % report.train_steps == 0 else None)
-    context = {
-        "model_name": report.model_name,
-        "base_model": report.base_model,
-        "base_model_url": f"https://huggingface.co/{hub_base}" if hub_base else None,
-        "model_config_summary": report.model_config_summary,
-        "datasets": datasets,
-        "dataset_description": _describe_data(report.dataset_description),
-        "eval_split": report.eval_split,
+    return {
         "optimizer": report.optimizer,
         "optimizer_title": OPTIMIZER_TITLES.get(report.optimizer, report.optimizer),
-        "spectral": report.optimizer in NAMES,
+        "spectral": ours,
         "hyperparameters": _hyperparameter_rows(report),
         "adjust_lr": adjust_lr,
-        "lr_convention": LR_CONVENTIONS.get(adjust_lr) if report.optimizer in NAMES else None,
+        "lr_convention": LR_CONVENTIONS.get(adjust_lr) if ours else None,
         "weight_decay_schedule": wd_schedule,
-        "weight_decay_note": WEIGHT_DECAY_NOTES.get(wd_schedule) if report.optimizer in NAMES else None,
+        "weight_decay_note": WEIGHT_DECAY_NOTES.get(wd_schedule) if ours else None,
+        "cite_mimuon": cite_mimuon,
+        "cite_corrected_wd": cite_wd,
+        "cited": ", ".join(cited[:-1]) + " and " + cited[-1],
+    }
+
+
+def _results_context(report: TrainingReport) -> dict:
+    """Template variables of the training and results sections."""
+    tokens_per_step = (report.tokens_seen // report.train_steps
+                       if report.train_steps and report.tokens_seen % report.train_steps == 0 else None)
+    return {
         "training_arguments": _training_rows(report),
         "peft": _peft_rows(report.peft),
         "peft_type": (report.peft or {}).get("type", "PEFT"),
@@ -320,11 +331,27 @@ def render_model_card(report: TrainingReport):
         "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
         "hf_mousse_version": report.versions.get("hf_mousse", ""),
         "recipe": report.recipe,
-        "cite_mimuon": cite_mimuon,
-        "cite_corrected_wd": cite_wd,
-        "cited": ", ".join(cited[:-1]) + " and " + cited[-1],
     }
-    card = ModelCard.from_template(card_data, template_str=template_text(), **context)
+
+
+def render_model_card(report: TrainingReport):
+    """The model card (``huggingface_hub.ModelCard``) of ``report``: YAML metadata with a ``model-index``
+    (final eval loss and perplexity) and the text of ``model_cards/mousse_model_card.md``."""
+    from huggingface_hub import ModelCard
+
+    hub_base = _hub_base(report)
+    context = {
+        "model_name": report.model_name,
+        "base_model": report.base_model,
+        "base_model_url": f"https://huggingface.co/{hub_base}" if hub_base else None,
+        "model_config_summary": report.model_config_summary,
+        "datasets": list(report.datasets),
+        "dataset_description": _describe_data(report.dataset_description),
+        "eval_split": report.eval_split,
+        **_optimizer_context(report),
+        **_results_context(report),
+    }
+    card = ModelCard.from_template(_card_data(report), template_str=template_text(), **context)
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n")
 
 
@@ -364,12 +391,16 @@ def prepare_hub_upload(output_dir: str, *, include_checkpoints: bool) -> list:
     hidden and ``*.tmp`` files are left out."""
     from huggingface_hub import CommitOperationAdd
 
+    files = _top_files(output_dir) + (_last_checkpoint_files(output_dir) if include_checkpoints else [])
+    return [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path) for repo_path, path in files]
+
+
+def _top_files(output_dir: str) -> list[tuple[str, str]]:
+    """(path in the repo, local path) of the files at the top of ``output_dir``; it must hold weights."""
     if not os.path.isdir(output_dir):
         raise HubUploadError(f"cannot upload {output_dir!r}: no such directory")
-    files: list[tuple[str, str]] = []
-    for entry in sorted(os.scandir(output_dir), key=lambda e: e.name):
-        if entry.is_file() and not _skipped(entry.name):
-            files.append((entry.name, entry.path))
+    files = [(entry.name, entry.path) for entry in sorted(os.scandir(output_dir), key=lambda e: e.name)
+             if entry.is_file() and not _skipped(entry.name)]
     weights = [n for n, _ in files if n.endswith((".safetensors", ".bin")) and n != "training_args.bin"]
     if not weights:
         raise HubUploadError(
@@ -377,21 +408,24 @@ def prepare_hub_upload(output_dir: str, *, include_checkpoints: bool) -> list:
             "run directory after trainer.save_model(), not to a parent folder of several runs")
     if CARD_FILE not in {n for n, _ in files}:
         warnings.warn(f"{output_dir} has no {CARD_FILE}: the repo will have no model card "
-                      "(write one with hf_mousse.integration.model_card.write_model_card)", stacklevel=2)
-    if include_checkpoints:
-        checkpoint = _newest_checkpoint(output_dir)
-        if checkpoint is None:
-            warnings.warn(f"include_checkpoints=True but {output_dir} has no {CHECKPOINT_PREFIX}* folder; "
-                          "uploading the model without a checkpoint", stacklevel=2)
-        else:
-            for root, dirs, names in os.walk(checkpoint):
-                dirs[:] = sorted(d for d in dirs if not _skipped(d))
-                for name in sorted(names):
-                    if not _skipped(name):
-                        path = os.path.join(root, name)
-                        rel = Path(os.path.relpath(path, checkpoint)).as_posix()
-                        files.append((f"{LAST_CHECKPOINT}/{rel}", path))
-    return [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path) for repo_path, path in files]
+                      "(write one with hf_mousse.integration.model_card.write_model_card)", stacklevel=3)
+    return files
+
+
+def _last_checkpoint_files(output_dir: str) -> list[tuple[str, str]]:
+    """(``last-checkpoint/...``, local path) of every file of the newest ``checkpoint-*`` folder."""
+    checkpoint = _newest_checkpoint(output_dir)
+    if checkpoint is None:
+        warnings.warn(f"include_checkpoints=True but {output_dir} has no {CHECKPOINT_PREFIX}* folder; "
+                      "uploading the model without a checkpoint", stacklevel=3)
+        return []
+    files = []
+    for root, dirs, names in os.walk(checkpoint):
+        dirs[:] = sorted(d for d in dirs if not _skipped(d))
+        for name in sorted(n for n in names if not _skipped(n)):
+            path = os.path.join(root, name)
+            files.append((f"{LAST_CHECKPOINT}/{Path(os.path.relpath(path, checkpoint)).as_posix()}", path))
+    return files
 
 
 def push_to_hub(output_dir: str, repo_id: str, *, include_checkpoints: bool = False, private: bool = False,

@@ -23,9 +23,10 @@ from ..errors import RegistrationError
 from . import trainer_hooks
 from .config import CONFIGS, NAMES, optim_name, optimizer_cls_and_kwargs
 
-# [low, high): the versions whose internals were read (5.17 and 5.23, HF_INTEGRATION_FACTS.md). The test
-# suite runs against the installed transformers (5.24.0 in the development environment); CI installs the
-# newest 5.x that pyproject.toml's "transformers>=5.17,<6" allows.
+# [low, high) of transformers versions. Internals read on 5.23.0 and spot-checked on 5.17.0
+# (HF_INTEGRATION_FACTS.md). The tests run against whatever is installed: 5.24.0 in the development
+# environment, and in CI (`make test`: pip install -e ".[test]") the newest 5.x that pyproject.toml's
+# "transformers>=5.17,<6" allows.
 SUPPORTED = ((5, 17), (6, 0))
 _warned: set[str] = set()
 
