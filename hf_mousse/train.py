@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidHyperparameterError
+from .integration import model_card
+from .integration.model_card import TrainingReport, write_model_card
 from .integration.registry import register
 from .integration.trainer_hooks import inner_optimizer
 from .metrics import perplexity_from_loss
@@ -214,12 +216,15 @@ def run_trainer(trainer, tokenizer, *, resume=None) -> tuple[dict, float]:
     return metrics, seconds
 
 
+def _block_size(trainer) -> int:
+    return len(trainer.train_dataset[0]["input_ids"])
+
+
 def tokens_seen(trainer) -> int:
     """Tokens the run trained on: optimizer steps x global batch x block length."""
     args = trainer.args
-    block = len(trainer.train_dataset[0]["input_ids"])
     return (trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-            * args.world_size * block)
+            * args.world_size * _block_size(trainer))
 
 
 def optimizer_hyperparameters(trainer) -> dict:
@@ -232,8 +237,6 @@ def optimizer_hyperparameters(trainer) -> dict:
 
 def training_report(recipe: dict, name: str, trainer, metrics: dict, seconds: float, curve):
     """The model card's :class:`TrainingReport` of a finished run."""
-    from .integration.model_card import TrainingReport
-
     args = trainer.args
     return TrainingReport(
         model_name=f"{recipe['name']}-{name}",
@@ -244,7 +247,7 @@ def training_report(recipe: dict, name: str, trainer, metrics: dict, seconds: fl
         optimizer=name,
         optimizer_hyperparameters=optimizer_hyperparameters(trainer),
         training_arguments={k: getattr(args, k) for k in _REPORTED_ARGS}
-        | {"block_size": len(trainer.train_dataset[0]["input_ids"])},
+        | {"block_size": _block_size(trainer)},
         tokens_seen=tokens_seen(trainer),
         train_steps=trainer.state.global_step,
         final_eval_loss=metrics["eval_loss"],
@@ -259,8 +262,6 @@ def training_report(recipe: dict, name: str, trainer, metrics: dict, seconds: fl
 
 def train_one(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokenizer, *, resume=None) -> dict:
     """One optimizer run: train, plot its loss curve, write its model card; returns its summary."""
-    from .integration.model_card import write_model_card
-
     name = optimizer["name"]
     trainer = build_trainer(recipe, optimizer, output_dir, datasets_, tokenizer)
     metrics, seconds = run_trainer(trainer, tokenizer, resume=resume)
@@ -327,8 +328,6 @@ def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = 
 
 def push_results(results: list[dict], repo_id: str) -> None:
     """Upload each run with its newest checkpoint: to ``repo_id``, or ``repo_id-<optimizer>`` for several."""
-    from .integration.model_card import push_to_hub
-
     for r in results:
         repo = repo_id if len(results) == 1 else f"{repo_id}-{r['optimizer']}"
-        push_to_hub(r["output_dir"], repo, include_checkpoints=True)
+        model_card.push_to_hub(r["output_dir"], repo, include_checkpoints=True)
