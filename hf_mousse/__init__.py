@@ -14,8 +14,8 @@ from .integration import (
 )
 from .integration.registry import install_import_hook
 from .optim import MiMuon, Mousse, Muon, param_groups
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["MiMuon", "MiMuonConfig", "Mousse", "MousseConfig", "Muon", "MuonConfig",
            "MousseTrainingArguments", "__version__", "load_optimizer", "param_groups", "register",
            "save_optimizer"]

@@ -13,14 +13,14 @@ import os
 import runpy
 import sys
 
+from .integration.registry import register
+
 USAGE = __doc__
 
 
 def run(target: str, args: list[str], *, module: bool = False) -> None:
     """Register our optimizer names, then execute ``target`` as ``__main__`` with ``sys.argv``
     set as ``python target args...`` would set it."""
-    from .integration.registry import register
-
     register()
     if module:
         sys.argv = [target, *args]
@@ -56,17 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     if ns.command == "run":
         run(ns.target, [*ns.args, *extra], module=ns.module)
     elif ns.command == "train":
-        from .train import load_recipe, parse_overrides, run_recipe
+        train(ns.recipe, extra, resume=ns.resume, push_to_hub=ns.push_to_hub)
 
-        recipe = load_recipe(ns.recipe, parse_overrides(extra))
-        results = run_recipe(recipe, resume=ns.resume, push_to_hub=ns.push_to_hub)
-        print(f"\n{recipe['name']}: {len(results)} run(s)")
-        for r in results:
-            print(f"  {r['optimizer']:<12} eval loss {r['eval_loss']:.4f}  perplexity "
-                  f"{r['eval_perplexity']:8.2f}  {r['steps']} steps, {r['tokens']:,} tokens, "
-                  f"{r['train_seconds']:.0f} s  -> {r['output_dir']}")
-        out = recipe.get("output_dir") or f"runs/{recipe['name']}"
-        print(f"checkpoints, model cards (README.md) and loss_curve.png: in each run directory under {out}")
+
+def train(name: str, overrides: list[str], *, resume: bool, push_to_hub: str | None) -> None:
+    """Run a recipe and print one summary line per run."""
+    from .train import load_recipe, output_dir, parse_overrides, run_recipe
+
+    recipe = load_recipe(name, parse_overrides(overrides))
+    results = run_recipe(recipe, resume=resume, push_to_hub=push_to_hub)
+    print(f"\n{recipe['name']}: {len(results)} run(s)")
+    for r in results:
+        print(f"  {r['optimizer']:<12} eval loss {r['eval_loss']:.4f}  perplexity "
+              f"{r['eval_perplexity']:8.2f}  {r['steps']} steps, {r['tokens']:,} tokens, "
+              f"{r['train_seconds']:.0f} s  -> {r['output_dir']}")
+    print("checkpoints, model cards (README.md) and loss_curve.png: in each run directory under "
+          f"{output_dir(recipe)}")
 
 
 def module_main(argv: list[str]) -> None:

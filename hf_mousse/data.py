@@ -38,8 +38,6 @@ JSON_EXTENSIONS = (".json", ".jsonl")
 BUILTIN_CHUNK_CHARS = 2000
 
 
-
-
 # ----------------------------------------------------------------------------------------------- corpora
 def pydoc_text() -> str:
     """CPython's pydoc help topics (~460k characters of English): a corpus present on every machine."""
@@ -245,38 +243,46 @@ def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.Dat
     ``max_train_rows``/``max_validation_rows`` keep (at most) the first rows, for short runs.
     """
     source = _check_data_spec(spec)
-    validation = None
-    if source == "builtin":
-        train = datasets.Dataset.from_dict({"text": _pydoc_rows()})
-    elif source == "dataset":
-        name, config = spec["dataset"], spec.get("config")
-        train = datasets.load_dataset(
-            name, config, split=spec.get("train_split", "train"), cache_dir=cache_dir
-        )
-        if "validation_split" in spec:
-            validation = datasets.load_dataset(
-                name, config, split=spec["validation_split"], cache_dir=cache_dir
-            )
-    else:
-        train = _load_files(spec["train_files"], spec, cache_dir)
-        if "validation_files" in spec:
-            validation = _load_files(spec["validation_files"], spec, cache_dir)
-
+    train, validation = _load_source(source, spec, cache_dir)
     if validation is None:
-        fraction = spec.get("validation_fraction", 0.05)
-        if len(train) < 2:
-            raise DataSpecError(f"data has {len(train)} training row(s); cannot hold out a validation split.")
-        split = train.train_test_split(test_size=fraction, seed=spec.get("seed", 0), shuffle=True)
-        train, validation = split["train"], split["test"]
+        train, validation = _hold_out(train, spec)
     # Limit rows before the per-row passes of _to_text_column, so a shrunken run over a large dataset
     # converts only the rows it keeps (select only records indices, it reads nothing).
-    if "max_train_rows" in spec:
-        train = train.select(range(min(spec["max_train_rows"], len(train))))
-    if "max_validation_rows" in spec:
-        validation = validation.select(range(min(spec["max_validation_rows"], len(validation))))
+    train = _first_rows(train, spec.get("max_train_rows"))
+    validation = _first_rows(validation, spec.get("max_validation_rows"))
     if source != "builtin":
         train, validation = _to_text_column(train, spec), _to_text_column(validation, spec)
     return datasets.DatasetDict(train=train, validation=validation)
+
+
+def _load_source(source: str, spec: dict, cache_dir: str | None):
+    """(train, validation or None) as the source gives them, before any column handling."""
+    if source == "builtin":
+        return datasets.Dataset.from_dict({"text": _pydoc_rows()}), None
+    if source == "dataset":
+        name, config = spec["dataset"], spec.get("config")
+        train = datasets.load_dataset(name, config, split=spec.get("train_split", "train"),
+                                      cache_dir=cache_dir)
+        if "validation_split" not in spec:
+            return train, None
+        return train, datasets.load_dataset(name, config, split=spec["validation_split"], cache_dir=cache_dir)
+    train = _load_files(spec["train_files"], spec, cache_dir)
+    if "validation_files" not in spec:
+        return train, None
+    return train, _load_files(spec["validation_files"], spec, cache_dir)
+
+
+def _hold_out(train: datasets.Dataset, spec: dict) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A deterministic ``validation_fraction`` (default 0.05, shuffled with ``seed``) of train, held out."""
+    if len(train) < 2:
+        raise DataSpecError(f"data has {len(train)} training row(s); cannot hold out a validation split.")
+    split = train.train_test_split(test_size=spec.get("validation_fraction", 0.05), seed=spec.get("seed", 0),
+                                   shuffle=True)
+    return split["train"], split["test"]
+
+
+def _first_rows(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
 # ------------------------------------------------------------------------------------------------ packing

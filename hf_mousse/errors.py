@@ -33,3 +33,11 @@ class UnsupportedSetupError(HfMousseError, ValueError):
 
 class DataSpecError(InvalidHyperparameterError):
     """A recipe's ``tokenizer:`` or ``data:`` block is malformed, or the data it names cannot be used."""
+
+
+class ModelCardError(HfMousseError, ValueError):
+    """A training report cannot be turned into a model card (missing or malformed values, no template)."""
+
+
+class HubUploadError(HfMousseError, ValueError):
+    """An output directory cannot be uploaded as it is (missing, or without model weights)."""

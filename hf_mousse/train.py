@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import time
@@ -30,10 +29,16 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidHyperparameterError
+from .integration import model_card
+from .integration.model_card import TrainingReport, write_model_card
+from .integration.registry import register
+from .integration.trainer_hooks import inner_optimizer
+from .metrics import perplexity_from_loss
 
 RECIPE_KEYS = {"base", "name", "description", "hardware", "output_dir", "seed", "model", "tokenizer", "data",
                "optimizer", "compare", "lora", "training", "hub"}
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+LOSS_CURVE = "loss_curve.png"  # in each run directory; with compare, loss_curves.png overlays all runs
 
 
 # ---------------------------------------------------------------------------- recipe files
@@ -179,63 +184,94 @@ def _curve(log_history: list[dict]):
 
 
 # ---------------------------------------------------------------------------- one run
-def train_one(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokenizer, *, resume=None) -> dict:
-    from transformers import Trainer, TrainingArguments, set_seed
+# Matrix-group entries that are not hyperparameters of the run (lr is reported as learning_rate, since the
+# group's value is the scheduled one at the end).
+_NOT_REPORTED = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
+_REPORTED_ARGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "max_steps", "weight_decay", "bf16", "fp16", "seed")
 
-    from .integration.model_card import TrainingReport, write_model_card
+
+def build_trainer(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokenizer):
+    """The ``Trainer`` of one optimizer run of ``recipe``: model (with LoRA), arguments, datasets."""
+    from transformers import Trainer, TrainingArguments, set_seed
 
     seed = recipe.get("seed", 0)
     set_seed(seed)
     model = apply_lora(build_model(recipe["model"], tokenizer), recipe.get("lora"))
-    name = optimizer["name"]
     training = {**recipe["training"], **optimizer.get("training", {})}
-    args = TrainingArguments(output_dir=output_dir, optim=name,
+    args = TrainingArguments(output_dir=output_dir, optim=optimizer["name"],
                              optim_args=optim_args_string(optimizer.get("args")), seed=seed, **training)
-    trainer = Trainer(model=model, args=args, train_dataset=datasets_["train"],
-                      eval_dataset=datasets_["validation"])
+    return Trainer(model=model, args=args, train_dataset=datasets_["train"],
+                   eval_dataset=datasets_["validation"])
+
+
+def run_trainer(trainer, tokenizer, *, resume=None) -> tuple[dict, float]:
+    """Train, evaluate, save the model and tokenizer; returns (eval metrics, training seconds)."""
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
     trainer.save_model()
-    tokenizer.save_pretrained(output_dir)
-    curve = _curve(trainer.state.log_history)
-    plot_losses({name: curve}, os.path.join(output_dir, "loss_curve.png"), f"{recipe['name']}: {name}")
-    evals = curve[3] or [metrics["eval_loss"]]
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    # The matrix group holds the algorithm's settings (group 0 may be the embeddings).
-    group = next((g for g in inner.param_groups if g.get("role") == "matrix"), inner.param_groups[0])
-    skip = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
-    hyper = {k: v for k, v in group.items() if k not in skip}
-    block = len(datasets_["train"][0]["input_ids"])
-    tokens = (trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-              * args.world_size * block)
-    report = TrainingReport(
+    tokenizer.save_pretrained(trainer.args.output_dir)
+    return metrics, seconds
+
+
+def _block_size(trainer) -> int:
+    return len(trainer.train_dataset[0]["input_ids"])
+
+
+def tokens_seen(trainer) -> int:
+    """Tokens the run trained on: optimizer steps x global batch x block length."""
+    args = trainer.args
+    return (trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * args.world_size * _block_size(trainer))
+
+
+def optimizer_hyperparameters(trainer) -> dict:
+    """The optimizer's class and settings, from its matrix group (group 0 may be the embeddings)."""
+    opt = inner_optimizer(trainer)
+    group = next((g for g in opt.param_groups if g.get("role") == "matrix"), opt.param_groups[0])
+    return {"optimizer_class": type(opt).__name__,
+            **{k: v for k, v in group.items() if k not in _NOT_REPORTED}}
+
+
+def training_report(recipe: dict, name: str, trainer, metrics: dict, seconds: float, curve):
+    """The model card's :class:`TrainingReport` of a finished run."""
+    args = trainer.args
+    return TrainingReport(
         model_name=f"{recipe['name']}-{name}",
         base_model=recipe["model"].get("name_or_path"),
-        model_config_summary=_model_summary(model),
+        model_config_summary=_model_summary(trainer.model),
         datasets=_dataset_names(recipe["data"]),
         dataset_description=json.dumps(recipe["data"]),
         optimizer=name,
-        optimizer_hyperparameters={"optimizer_class": type(inner).__name__, **hyper},
-        training_arguments={k: getattr(args, k) for k in (
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_steps", "weight_decay", "bf16", "fp16", "seed")}
-        | {"block_size": block},
-        tokens_seen=tokens,
+        optimizer_hyperparameters=optimizer_hyperparameters(trainer),
+        training_arguments={k: getattr(args, k) for k in _REPORTED_ARGS}
+        | {"block_size": _block_size(trainer)},
+        tokens_seen=tokens_seen(trainer),
         train_steps=trainer.state.global_step,
         final_eval_loss=metrics["eval_loss"],
-        best_eval_loss=min(evals),
-        loss_curve="loss_curve.png",
+        best_eval_loss=min(curve[3] or [metrics["eval_loss"]]),
+        loss_curve=LOSS_CURVE,
         hardware=hardware(),
         train_seconds=seconds,
         recipe=recipe["name"],
         peft=dict(recipe["lora"], type="LoRA") if recipe.get("lora") else None,
     )
+
+
+def train_one(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokenizer, *, resume=None) -> dict:
+    """One optimizer run: train, plot its loss curve, write its model card; returns its summary."""
+    name = optimizer["name"]
+    trainer = build_trainer(recipe, optimizer, output_dir, datasets_, tokenizer)
+    metrics, seconds = run_trainer(trainer, tokenizer, resume=resume)
+    curve = _curve(trainer.state.log_history)
+    plot_losses({name: curve}, os.path.join(output_dir, LOSS_CURVE), f"{recipe['name']}: {name}")
+    report = training_report(recipe, name, trainer, metrics, seconds, curve)
     write_model_card(report, output_dir)
     return {"optimizer": name, "output_dir": output_dir, "eval_loss": metrics["eval_loss"],
-            "eval_perplexity": math.exp(metrics["eval_loss"]), "train_seconds": seconds, "steps":
-            trainer.state.global_step, "tokens": tokens, "curve": curve}
+            "eval_perplexity": perplexity_from_loss(metrics["eval_loss"]), "train_seconds": seconds,
+            "steps": report.train_steps, "tokens": report.tokens_seen, "curve": curve}
 
 
 def _model_summary(model) -> str:
@@ -255,18 +291,28 @@ def _dataset_names(spec: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the job
-def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = None) -> list[dict]:
-    """Run every optimizer of ``recipe``; returns one summary per run (printed by the CLI)."""
-    from . import data
-    from .integration.registry import register
+def output_dir(recipe: dict) -> str:
+    """Where the recipe's runs go: ``output_dir``, or ``runs/<name>``."""
+    return recipe.get("output_dir") or os.path.join("runs", recipe["name"])
 
-    register()
-    out = recipe.get("output_dir") or os.path.join("runs", recipe["name"])
+
+def prepare_data(recipe: dict):
+    """(packed train/validation blocks, tokenizer) of the recipe's ``data`` and ``tokenizer`` sections."""
+    from . import data
+
     data_spec = dict(recipe["data"])
     block = data_spec.pop("block_size")
     texts = data.load_text_datasets(data_spec)
     tokenizer = data.load_tokenizer(recipe["tokenizer"], lambda: list(texts["train"]["text"]))
     packed = {split: data.pack(texts[split], tokenizer, block) for split in ("train", "validation")}
+    return packed, tokenizer
+
+
+def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = None) -> list[dict]:
+    """Run every optimizer of ``recipe``; returns one summary per run (printed by the CLI)."""
+    register()
+    out = output_dir(recipe)
+    packed, tokenizer = prepare_data(recipe)
     runs = [recipe["optimizer"], *recipe.get("compare", [])]
     results = []
     for optimizer in runs:
@@ -276,9 +322,12 @@ def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = 
         plot_losses({r["optimizer"]: r["curve"] for r in results}, os.path.join(out, "loss_curves.png"),
                     recipe["name"])
     if push_to_hub:
-        from .integration.model_card import push_to_hub as push
-
-        for r in results:
-            repo = push_to_hub if len(runs) == 1 else f"{push_to_hub}-{r['optimizer']}"
-            push(r["output_dir"], repo, include_checkpoints=True)
+        push_results(results, push_to_hub)
     return results
+
+
+def push_results(results: list[dict], repo_id: str) -> None:
+    """Upload each run with its newest checkpoint: to ``repo_id``, or ``repo_id-<optimizer>`` for several."""
+    for r in results:
+        repo = repo_id if len(results) == 1 else f"{repo_id}-{r['optimizer']}"
+        model_card.push_to_hub(r["output_dir"], repo, include_checkpoints=True)

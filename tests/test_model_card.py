@@ -14,16 +14,16 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 
 import hf_mousse
+from hf_mousse.errors import HubUploadError, ModelCardError
 from hf_mousse.integration import model_card as mc
 from hf_mousse.integration.model_card import (
-    HubUploadError,
-    ModelCardError,
     TrainingReport,
     prepare_hub_upload,
     push_to_hub,
     render_model_card,
     write_model_card,
 )
+from hf_mousse.metrics import perplexity_from_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,10 +187,10 @@ def test_baseline_optimizer_card():
 
 
 def test_perplexity_is_inf_safe():
-    assert mc.perplexity(None) is None
-    assert mc.perplexity(0.0) == 1.0
-    assert mc.perplexity(1000.0) == math.inf
-    assert math.isnan(mc.perplexity(math.nan))
+    assert perplexity_from_loss(None) is None
+    assert perplexity_from_loss(0.0) == 1.0
+    assert perplexity_from_loss(1000.0) == math.inf
+    assert math.isnan(perplexity_from_loss(math.nan))
 
     card = render_model_card(scratch_report(final_eval_loss=1000.0, best_eval_loss=999.0))
     assert metrics_of(card) == {"loss": 1000.0}  # an infinite perplexity stays out of the metadata

@@ -16,8 +16,13 @@ import hf_mousse
 from hf_mousse import MiMuon, Mousse, MousseConfig, Muon
 from hf_mousse.errors import InvalidHyperparameterError, RegistrationError, UnsupportedSetupError
 from hf_mousse.integration import registry
-from hf_mousse.integration.config import CONFIGS, MuonConfig, config_from_training_args
-from hf_mousse.integration.trainer_hooks import TrainerOptimizerFactory, refuse_unsupported_engines
+from hf_mousse.integration.config import (
+    CONFIGS,
+    MuonConfig,
+    TrainerOptimizerFactory,
+    config_from_training_args,
+    refuse_unsupported_engines,
+)
 
 hf_mousse.register()
 

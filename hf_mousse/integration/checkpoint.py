@@ -22,10 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..optim.state_keys import PARAM_SHAPED
+from ..version import library_versions
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "hf_mousse.optimizer"
 FORMAT_VERSION = "1"
+STATE_PREFIX = "state"  # tensors are stored as state/<param name>/<state key>
 _NOT_HYPERPARAMETERS = ("params", "param_names")
 
 
@@ -86,23 +89,12 @@ def _crc32(tensors: dict[str, torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
-def _versions() -> dict[str, str]:
-    from .. import __version__
-
-    out = {"hf_mousse": __version__, "torch": torch.__version__}
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:  # plain PyTorch use
-        pass
-    return out
+def _tensor_key(name: str, key: str) -> str:
+    return f"{STATE_PREFIX}/{name}/{key}"
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
-    """Write ``optimizer``'s full state to ``path`` (safetensors), atomically."""
-    names = parameter_names(optimizer, model)
-    sd = optimizer.state_dict()
+def _split_state(sd: dict, names: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, dict], list]:
+    """(tensors by file key, non-tensor state by parameter name, groups with names) of a state_dict."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     groups = []
@@ -111,11 +103,18 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
             for key, value in sd["state"].get(idx, {}).items():
                 if isinstance(value, torch.Tensor):
                     # A copy: safetensors refuses shared or strided storage, and GPU tensors move to CPU.
-                    tensors[f"state/{name}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                    tensors[_tensor_key(name, key)] = value.detach().to("cpu", copy=True).contiguous()
                 else:
                     scalars.setdefault(name, {})[key] = value
         hyper = {k: v for k, v in saved.items() if k not in _NOT_HYPERPARAMETERS}
         groups.append({**hyper, "param_names": group_names})
+    return tensors, scalars, groups
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
+    """Write ``optimizer``'s full state to ``path`` (safetensors), atomically."""
+    sd = optimizer.state_dict()
+    tensors, scalars, groups = _split_state(sd, parameter_names(optimizer, model))
     try:
         metadata = {
             "format": FORMAT,
@@ -124,7 +123,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
             "param_groups": json.dumps(groups),
             "scalars": json.dumps(scalars),
             "stats": json.dumps(sd.get("hf_mousse_stats") or {}),
-            "versions": json.dumps(_versions()),
+            "versions": json.dumps(library_versions()),
             "crc32": _crc32(tensors),
         }
     except TypeError as e:
@@ -168,6 +167,53 @@ def _differences(expected: list[str], found: list[str]) -> str:
     return "; ".join(parts) or "same names in another grouping or order"
 
 
+def _check_same_parameters(path: str, names: list[list[str]], saved_groups: list[dict]) -> None:
+    saved_names = [g["param_names"] for g in saved_groups]
+    if saved_names != names:
+        raise CheckpointError(
+            f"{path} was written for different parameters (another model, other trainable parameters "
+            f"or another grouping): {_differences(sum(names, []), sum(saved_names, []))}"
+        )
+
+
+def _join_state(path: str, index: dict[str, int], tensors: dict[str, torch.Tensor],
+                scalars: dict[str, dict]) -> dict[int, dict]:
+    """The file's tensors and non-tensor state as a state_dict ``state`` (by parameter index)."""
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        prefix, _, rest = key.partition("/")
+        name, _, field = rest.rpartition("/")
+        if prefix != STATE_PREFIX or name not in index:
+            raise CheckpointError(f"{path} has an entry {key!r} for no parameter of this optimizer")
+        state.setdefault(index[name], {})[field] = t
+    for name, values in scalars.items():
+        if name not in index:
+            raise CheckpointError(f"{path} has step counters for {name!r}, which is not in this optimizer")
+        state.setdefault(index[name], {}).update(values)
+    return state
+
+
+def _check_shapes(path: str, state: dict[int, dict], params: list[torch.Tensor], names: list[str]) -> None:
+    for i, st in state.items():
+        for field in PARAM_SHAPED:
+            if field in st and tuple(st[field].shape) != tuple(params[i].shape):
+                raise CheckpointError(
+                    f"{path}: {names[i]!r} has {field} of shape {tuple(st[field].shape)} but the "
+                    f"parameter has shape {tuple(params[i].shape)}; the file is from a different model"
+                )
+
+
+def _state_dict_groups(saved_groups: list[dict]) -> list[dict]:
+    """The header's groups as state_dict ``param_groups`` (parameters numbered in order)."""
+    groups, start = [], 0
+    for g in saved_groups:
+        n = len(g["param_names"])
+        hyper = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k not in _NOT_HYPERPARAMETERS}
+        groups.append({**hyper, "params": list(range(start, start + n))})
+        start += n
+    return groups
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
     """Restore ``optimizer`` from ``path`` written by :func:`save_optimizer`.
 
@@ -181,39 +227,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
                               f"{type(optimizer).__name__}; resume with the optimizer that wrote it")
     names = parameter_names(optimizer, model)
     saved_groups = json.loads(metadata["param_groups"])
-    saved_names = [g["param_names"] for g in saved_groups]
-    if saved_names != names:
-        raise CheckpointError(
-            f"{path} was written for different parameters (another model, other trainable parameters "
-            f"or another grouping): {_differences(sum(names, []), sum(saved_names, []))}"
-        )
-    scalars = json.loads(metadata["scalars"])
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {n: i for i, n in enumerate(sum(names, []))}
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        prefix, _, rest = key.partition("/")
-        name, _, field = rest.rpartition("/")
-        if prefix != "state" or name not in index:
-            raise CheckpointError(f"{path} has an entry {key!r} for no parameter of this optimizer")
-        state.setdefault(index[name], {})[field] = t
-    for name, values in scalars.items():
-        if name not in index:
-            raise CheckpointError(f"{path} has step counters for {name!r}, which is not in this optimizer")
-        state.setdefault(index[name], {}).update(values)
-    for i, st in state.items():
-        p = params[i]
-        for field in ("momentum", "exp_avg", "exp_avg_sq"):  # the parameter-shaped entries
-            if field in st and tuple(st[field].shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"{path}: {sum(names, [])[i]!r} has {field} of shape {tuple(st[field].shape)} but the "
-                    f"parameter has shape {tuple(p.shape)}; the file is from a different model"
-                )
-    groups, start = [], 0
-    for g in saved_groups:
-        n = len(g["param_names"])
-        hyper = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k not in _NOT_HYPERPARAMETERS}
-        groups.append({**hyper, "params": list(range(start, start + n))})
-        start += n
-    optimizer.load_state_dict({"state": state, "param_groups": groups,
+    _check_same_parameters(path, names, saved_groups)
+    flat_names = sum(names, [])
+    index = {n: i for i, n in enumerate(flat_names)}
+    state = _join_state(path, index, tensors, json.loads(metadata["scalars"]))
+    _check_shapes(path, state, [p for g in optimizer.param_groups for p in g["params"]], flat_names)
+    optimizer.load_state_dict({"state": state, "param_groups": _state_dict_groups(saved_groups),
                                "hf_mousse_stats": json.loads(metadata["stats"]) or None})

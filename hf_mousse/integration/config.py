@@ -1,26 +1,33 @@
-"""One config dataclass per optimizer, shared by every Trainer route.
+"""One config dataclass per optimizer, shared by every Trainer route, and the Trainer's optimizer factory.
 
 ``--optim_args "alpha=0.1,refresh_every=5"`` (stock scripts) and the typed ``mousse_*`` fields of
 :class:`MousseTrainingArguments` (your own scripts) both produce the same config; the config plus
 the learning rate, weight decay and Adam settings of ``TrainingArguments`` build the optimizer.
-The keys are the optimizer constructors' keyword names; ``lr``, ``weight_decay``, ``betas`` and
-``scalar_eps`` come from ``--learning_rate``, ``--weight_decay``, ``--adam_beta1/2`` and
-``--adam_epsilon``.
 
-Learning-rate convention of the Trainer routes: ``adjust_lr="match_rms_adamw"`` (Moonlight's
-0.2 * sqrt(max(m, n)) scale), so a learning rate tuned for AdamW works for both paths out of the
-box. ``adjust_lr=spectral_norm`` gives the paper's sqrt(fan_out / fan_in) scaling (then pass a
-matrix lr like the paper's and ``scalar_lr`` for the AdamW path).
+The config fields are derived, not repeated: every keyword of the optimizer's constructor
+(:func:`hf_mousse.optim.constructor_defaults`, with its default and type) except those that come from
+``TrainingArguments`` (:data:`FROM_TRAINING_ARGS`: ``lr``, ``weight_decay``, ``betas`` and ``scalar_eps``
+from ``--learning_rate``, ``--weight_decay``, ``--adam_beta1/2`` and ``--adam_epsilon``), then the role
+options of :func:`hf_mousse.param_groups` (:data:`ROLE_KEYS`, with its defaults) and the logging
+option ``log_diagnostics``. Help texts are :data:`hf_mousse.optim.HELP`'s, as field metadata.
+
+The Trainer routes deviate from the constructors in one place, :data:`TRAINER_DEFAULTS`: their
+learning-rate convention is ``adjust_lr="match_rms_adamw"`` (Moonlight's 0.2 * sqrt(max(m, n)) scale),
+so a learning rate tuned for AdamW works for both paths out of the box. ``adjust_lr=spectral_norm``
+gives the paper's sqrt(fan_out / fan_in) scaling (then pass a matrix lr like the paper's and
+``scalar_lr`` for the AdamW path).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
 import typing
 from dataclasses import dataclass, field, fields
 
-from ..errors import InvalidHyperparameterError
-from ..optim import MiMuon, Mousse, Muon, param_groups
+from ..errors import InvalidHyperparameterError, UnsupportedSetupError
+from ..optim import HELP, MiMuon, Mousse, Muon, constructor_defaults, param_groups
 from ..optim.base import SpectralOptimizer
 
 # Keys owned by TrainingArguments: setting them in optim_args would be ambiguous.
@@ -32,46 +39,41 @@ FROM_TRAINING_ARGS = {
     "beta2": "--adam_beta2",
     "scalar_eps": "--adam_epsilon",
 }
+# Where the Trainer routes' defaults differ from the constructors' (module docstring).
+TRAINER_DEFAULTS = {"adjust_lr": "match_rms_adamw"}
+# Options of hf_mousse.param_groups a config carries (their defaults are param_groups' own).
+ROLE_KEYS = ("split_fused", "embedding_lr", "head_lr")
+# Config-only options: key -> (default, type, help). Not constructor keywords.
+LOGGING_KEYS = {
+    "log_diagnostics": (False, bool, "log optimizer diagnostics every logging step (costs one norm per "
+                                     "bucket per step)"),
+}
+# The config type of constructor keywords without a type hint. ``ns`` also accepts (a, b, c) triples,
+# which a key=value string cannot spell, so configs carry the schedule's name.
+UNHINTED = {"ns": str}
+TYPED_PREFIX = "mousse_"  # MousseTrainingArguments' field for key k is mousse_<k>
 
 
 @dataclass
 class SpectralConfig:
-    """Options shared by Muon, Mousse and MiMuon on the Trainer routes (see the constructors)."""
+    """Base of :class:`MuonConfig`, :class:`MousseConfig` and :class:`MiMuonConfig` (module docstring).
 
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns: str = "keller_jordan"
-    ns_steps: int | None = 5
-    ns_eps: float = 1e-7
-    ns_dtype: str = "auto"
-    adjust_lr: str | None = "match_rms_adamw"  # the Trainer-route convention (module docstring)
-    weight_decay_schedule: str = "decoupled"
-    scalar_optimizer: str = "adamw"
-    scalar_lr: float | None = None  # None: --learning_rate
-    scalar_weight_decay: float = 0.0
-    nonfinite: str = "raise"
-    # Roles (hf_mousse.param_groups)
-    split_fused: bool = True
-    embedding_lr: float | None = None
-    head_lr: float | None = None
-    # Trainer logging: optimizer diagnostics every logging step (costs one norm per bucket per step)
-    log_diagnostics: bool = False
+    The fields of each config are its optimizer's constructor keywords; :meth:`keys` lists them.
+    """
 
     optimizer_cls: typing.ClassVar[type[SpectralOptimizer]]
-    name: typing.ClassVar[str]
-    _ROLE_KEYS: typing.ClassVar[tuple[str, ...]] = (
-        "split_fused", "embedding_lr", "head_lr", "log_diagnostics")
+    name: typing.ClassVar[str]  # the --optim name
 
     def optimizer_kwargs(self) -> dict:
         """Constructor keyword arguments (everything but the role and logging options)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._ROLE_KEYS}
+        skip = (*ROLE_KEYS, *LOGGING_KEYS)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def build(self, model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
               scalar_eps: float = 1e-8, no_decay: typing.Collection[str] = ()) -> SpectralOptimizer:
         """The optimizer for ``model``: roles from :func:`param_groups`; parameters named in
         ``no_decay`` get weight decay 0 whatever their path."""
-        groups = param_groups(model, split_fused=self.split_fused, embedding_lr=self.embedding_lr,
-                              head_lr=self.head_lr)
+        groups = param_groups(model, **{k: getattr(self, k) for k in ROLE_KEYS})
         opt = self.optimizer_cls(_exclude_from_decay(groups, set(no_decay)), lr=lr,
                                  weight_decay=weight_decay, betas=tuple(betas), scalar_eps=scalar_eps,
                                  **self.optimizer_kwargs())
@@ -79,14 +81,25 @@ class SpectralConfig:
         return opt
 
     def for_trainer(self, args) -> tuple[type, dict]:
-        """``Trainer(optimizer_cls_and_kwargs=config.for_trainer(args))``: what ``--optim`` builds."""
-        from .trainer_hooks import trainer_kwargs
-
-        return trainer_kwargs(self, args)
+        """``Trainer(optimizer_cls_and_kwargs=config.for_trainer(args))``: what ``--optim`` builds, with
+        ``args``' learning rate, weight decay and Adam settings."""
+        refuse_unsupported_engines(args)
+        return TrainerOptimizerFactory, {
+            "config": self,
+            "lr": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "betas": (args.adam_beta1, args.adam_beta2),
+            "scalar_eps": args.adam_epsilon,
+        }
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def types(cls) -> dict[str, object]:
+        """Each key's type, e.g. ``{"alpha": float, "ns_steps": int | None, ...}``."""
+        return {f.name: f.type for f in fields(cls)}
 
     @classmethod
     def from_options(cls, options: dict[str, object]) -> SpectralConfig:
@@ -102,41 +115,59 @@ class SpectralConfig:
         return cls.from_options(parse_optim_args(text, cls))
 
 
-@dataclass
-class MuonConfig(SpectralConfig):
-    optimizer_cls: typing.ClassVar = Muon
-    name: typing.ClassVar = "muon"
+# ---------------------------------------------------------------------------- the three configs
+def _field(default, help_text: str) -> dataclasses.Field:
+    return field(default=default, metadata={"help": help_text})
 
 
-@dataclass
-class MousseConfig(SpectralConfig):
-    nesterov: bool = False
-    ns: str = "dion"
-    ns_eps: float = 1e-8
-    alpha: float = 0.125
-    beta: float = 0.95
-    refresh_every: int = 10
-    eps: float = 1e-5
-    bias_correction: bool = True
-    grafting: bool = True
-    sides: str = "both"
-
-    optimizer_cls: typing.ClassVar = Mousse
-    name: typing.ClassVar = "mousse"
+FieldSpec = tuple[str, object, dataclasses.Field]  # what dataclasses.make_dataclass takes
 
 
-@dataclass
-class MiMuonConfig(SpectralConfig):
-    gap_threshold: float = 1e-3
-    gap_every: int = 10
-    sgd_scale: str = "paper"
-    sgd_lr_ratio: float = 1.0
+def _constructor_fields(optimizer_cls: type[SpectralOptimizer]) -> list[FieldSpec]:
+    out = []
+    for key, (default, hint) in constructor_defaults(optimizer_cls).items():
+        if key in FROM_TRAINING_ARGS:
+            continue
+        if default is inspect.Parameter.empty:
+            raise TypeError(f"{optimizer_cls.__name__}({key}=...) has no default; a config key needs one")
+        if hint is None and key not in UNHINTED:
+            raise TypeError(f"{optimizer_cls.__name__}({key}=...) has no type hint: add one, or add the key "
+                            "to UNHINTED in hf_mousse/integration/config.py")
+        out.append((key, UNHINTED.get(key, hint), _field(TRAINER_DEFAULTS.get(key, default), HELP[key])))
+    return out
 
-    optimizer_cls: typing.ClassVar = MiMuon
-    name: typing.ClassVar = "mimuon"
+
+def _role_fields() -> list[FieldSpec]:
+    signature, hints = inspect.signature(param_groups).parameters, typing.get_type_hints(param_groups)
+    return [(k, hints[k], _field(signature[k].default, HELP[k])) for k in ROLE_KEYS]
 
 
+def _logging_fields() -> list[FieldSpec]:
+    return [(k, hint, _field(default, text)) for k, (default, hint, text) in LOGGING_KEYS.items()]
+
+
+def _config_class(name: str, optimizer_cls: type[SpectralOptimizer]) -> type[SpectralConfig]:
+    cls_name = f"{optimizer_cls.__name__}Config"
+    doc = (f"Trainer-route options of :class:`~hf_mousse.{optimizer_cls.__name__}` (``--optim {name}``): its "
+           "constructor's keywords and defaults (less those from TrainingArguments, with the Trainer-route "
+           "adjust_lr), the param_groups role options and log_diagnostics. See hf_mousse.optim.HELP.")
+    cls = dataclasses.make_dataclass(
+        cls_name, _constructor_fields(optimizer_cls) + _role_fields() + _logging_fields(),
+        bases=(SpectralConfig,), namespace={"optimizer_cls": optimizer_cls, "name": name, "__doc__": doc})
+    cls.__module__ = __name__  # pickle finds it here
+    return cls
+
+
+MousseConfig = _config_class("mousse", Mousse)
+MuonConfig = _config_class("muon", Muon)
+MiMuonConfig = _config_class("mimuon", MiMuon)
 CONFIGS: dict[str, type[SpectralConfig]] = {c.name: c for c in (MousseConfig, MuonConfig, MiMuonConfig)}
+NAMES = tuple(CONFIGS)  # the --optim names of hf_mousse's optimizers
+
+
+def optim_name(args) -> str:
+    """The optimizer name of a ``TrainingArguments`` (``args.optim`` is an enum member or a string)."""
+    return str(getattr(args.optim, "value", args.optim))
 
 
 def _unknown_message(cls: type[SpectralConfig], unknown: list[str]) -> str:
@@ -166,7 +197,7 @@ def _exclude_from_decay(groups: list[dict], no_decay: set[str]) -> list[dict]:
 
 # ---------------------------------------------------------------------------- string parsing
 def _cast(cls: type[SpectralConfig], key: str, raw: str):
-    hint = typing.get_type_hints(cls)[key]
+    hint = cls.types()[key]
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint)
@@ -205,28 +236,25 @@ def parse_optim_args(text: str | None, cls: type[SpectralConfig]) -> dict[str, o
         except ValueError as e:
             raise InvalidHyperparameterError(
                 f"bad value for {cls.name} option {key!r} in --optim_args: {raw!r} ({e}); expected "
-                f"{typing.get_type_hints(cls)[key]}"
+                f"{cls.types()[key]}"
             ) from None
     return out
 
 
 # ---------------------------------------------------------------------------- TrainingArguments
-TYPED_PREFIX = "mousse_"
-
-
-def typed_fields() -> list[tuple[str, object, dataclasses.Field]]:
-    """``mousse_<key>`` fields for every config key (union over the three optimizers), None = unset."""
-    seen: dict[str, object] = {}
+def typed_fields() -> list[FieldSpec]:
+    """``mousse_<key>`` fields for every config key (union over the three optimizers), None = unset;
+    their ``--help`` is the config field's help text."""
+    seen: dict[str, dataclasses.Field] = {}
     for cls in CONFIGS.values():
-        for k, hint in typing.get_type_hints(cls).items():
-            if k in cls.keys():
-                seen.setdefault(k, hint)
+        for f in fields(cls):
+            seen.setdefault(f.name, f)
     out = []
-    for k, hint in seen.items():
+    for k, f in seen.items():
         # None means "not set" here, so options whose value may be None take the string "none".
-        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-        users = [c.name for c in CONFIGS.values() if k in c.keys()]
-        help_text = f"hf_mousse option {k!r} ({'/'.join(users)}); see --optim_args"
+        base = next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)
+        users = "/".join(c.name for c in CONFIGS.values() if k in c.keys())
+        help_text = f"{f.metadata['help']} ({users}; same as --optim_args {k}=...)"
         out.append((TYPED_PREFIX + k, typing.Optional[base],  # noqa: UP007, UP045 (HfArgumentParser)
                     field(default=None, metadata={"help": help_text})))
     return out
@@ -234,7 +262,7 @@ def typed_fields() -> list[tuple[str, object, dataclasses.Field]]:
 
 def config_from_training_args(args) -> SpectralConfig:
     """The config for ``args.optim``, from ``args.optim_args`` and any ``mousse_*`` typed fields."""
-    name = str(getattr(args.optim, "value", args.optim))
+    name = optim_name(args)
     if name not in CONFIGS:
         raise InvalidHyperparameterError(
             f"optim={name!r} is not an hf_mousse optimizer; use one of {sorted(CONFIGS)}"
@@ -258,3 +286,55 @@ def config_from_training_args(args) -> SpectralConfig:
             f"{', '.join(cls.keys())}"
         )
     return cls.from_options(options)
+
+
+# ---------------------------------------------------------------------------- the Trainer's factory
+def optimizer_cls_and_kwargs(args) -> tuple[type, dict]:
+    """What ``--optim mousse|muon|mimuon`` builds: the config from ``args``, then ``for_trainer``."""
+    return config_from_training_args(args).for_trainer(args)
+
+
+def _is_true(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def refuse_unsupported_engines(args) -> None:
+    """DeepSpeed ZeRO and FSDP1 hand the optimizer flat 1-D shards: no matrices are left to orthogonalise."""
+    optim = optim_name(args)
+    if getattr(args, "deepspeed", None) or _is_true(os.environ.get("ACCELERATE_USE_DEEPSPEED")):
+        raise UnsupportedSetupError(
+            f"optim={optim!r} cannot run under DeepSpeed: ZeRO gives the optimizer flattened 1-D partitions, "
+            "so there are no weight matrices to orthogonalise. Use FSDP2 (--fsdp full_shard with "
+            "fsdp_config version 2, or accelerate's FSDP2 plugin) or DDP; for Muon under DeepSpeed use "
+            "DeepSpeed's native Muon (\"optimizer\": {\"type\": \"Muon\"} in the DeepSpeed config)"
+        )
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    fsdp1 = bool(getattr(args, "fsdp", None)) and int(fsdp_config.get("version", 2)) == 1
+    fsdp1 |= _is_true(os.environ.get("ACCELERATE_USE_FSDP")) and os.environ.get("FSDP_VERSION", "2") == "1"
+    if fsdp1:
+        raise UnsupportedSetupError(
+            f"optim={optim!r} cannot run under FSDP1: it flattens parameters into 1-D FlatParameters. "
+            "Use FSDP2 (fsdp_config={'version': 2}, the default in transformers 5) or DDP"
+        )
+
+
+def hf_no_decay_names(model) -> set[str]:
+    """Trainable parameters the Trainer would not decay (biases, norms): they stay undecayed."""
+    from transformers import Trainer
+
+    # get_decay_parameter_names reads nothing from self in transformers 5.x (checked on 5.23).
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    return {n for n, p in model.named_parameters() if p.requires_grad and n not in decay}
+
+
+class TrainerOptimizerFactory:
+    """Trainer's factory protocol: instantiated without arguments, then called with (model, **kwargs)."""
+
+    def __call__(self, model, *, config: SpectralConfig, **kwargs) -> SpectralOptimizer:
+        flat = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module" in n or "flat_param" in n]
+        if flat:
+            raise UnsupportedSetupError(
+                f"the model's parameters are FSDP1 FlatParameters ({flat[0]!r}); {config.name} needs the "
+                "original weight matrices. Use FSDP2 (fsdp_config={'version': 2}) or DDP"
+            )
+        return config.build(model, no_decay=hf_no_decay_names(model), **kwargs)

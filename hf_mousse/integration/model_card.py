@@ -22,11 +22,14 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from ..errors import HfMousseError
+from ..errors import HubUploadError, ModelCardError
+from ..metrics import perplexity_from_loss
+from ..optim import HELP
+from ..version import library_versions
 from .checkpoint import atomic_save
+from .config import CONFIGS, NAMES
 
 TEMPLATE_PACKAGE = "hf_mousse.model_cards"
 TEMPLATE_NAME = "mousse_model_card.md"
@@ -35,52 +38,13 @@ CHECKPOINT_PREFIX = "checkpoint-"
 LAST_CHECKPOINT = "last-checkpoint"  # the folder name transformers' hub_strategy="checkpoint" uses
 DEFAULT_COMMIT_MESSAGE = "Upload model, model card and training files (hf_mousse)"
 
-SPECTRAL = ("mousse", "muon", "mimuon")
 OPTIMIZER_TITLES = {"mousse": "Mousse", "muon": "Muon", "mimuon": "MiMuon", "adamw_torch": "AdamW",
                     "adamw_torch_fused": "AdamW (fused)", "adafactor": "Adafactor", "sgd": "SGD"}
 OPTIMIZER_TAGS = {"mousse": ["mousse"], "muon": ["muon"], "mimuon": ["mimuon", "muon"]}
 
-# What each hyperparameter means, in the order the card lists them (unknown keys follow, sorted).
-_SHARED_MEANINGS = {
-    "optimizer_class": "optimizer class",
-    "lr": "learning rate (peak)",
-    "momentum": "momentum coefficient",
-    "nesterov": "Nesterov momentum",
-    "ns": "Newton–Schulz coefficient schedule",
-    "ns_steps": "Newton–Schulz iterations",
-    "ns_eps": "epsilon of the Newton–Schulz pre-normalisation",
-    "ns_dtype": "Newton–Schulz dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    "adjust_lr": "learning-rate convention of the matrix path (see below)",
-    "weight_decay": "decoupled weight decay λ",
-    "weight_decay_schedule": "weight-decay schedule (see below)",
-    "scalar_optimizer": "optimizer of embeddings, head, norms and biases",
-    "scalar_lr": "learning rate of the scalar path (None: the main learning rate)",
-    "scalar_weight_decay": "weight decay of the scalar path",
-    "betas": "betas of the scalar optimizer",
-    "scalar_eps": "epsilon of the scalar AdamW",
-    "embedding_lr": "learning rate of the token embedding (None: scalar path default)",
-    "head_lr": "learning rate of the output head (None: scalar path default)",
-    "split_fused": "fused projections (e.g. GPT-2 c_attn) orthogonalised per block",
-    "nonfinite": "what a non-finite gradient does (raise, skip or ignore)",
-}
-_MEANINGS = {
-    "mousse": {
-        "alpha": "whitening exponent α: eigenvalues of the Kronecker factors are raised to −α",
-        "beta": "EMA coefficient of the Kronecker factors L = E[GGᵀ], R = E[GᵀG]",
-        "refresh_every": "T: the factors' eigenbases are recomputed every T steps",
-        "eps": "damping added to the factors' eigenvalues",
-        "bias_correction": "factors divided by 1 − β^t before each refresh",
-        "grafting": "update rescaled to the Frobenius norm of the Newton–Schulz output",
-        "sides": "preconditioned sides: both, left (output dimension) or right (input dimension)",
-    },
-    "mimuon": {
-        "gap_threshold": "relative singular-value gap at or above which a matrix takes the Muon branch",
-        "gap_every": "steps between gap tests",
-        "sgd_scale": "SGD-branch scale: paper (plain momentum) or match (rescaled to Newton–Schulz size)",
-        "sgd_lr_ratio": "learning-rate multiplier of the SGD branch",
-    },
-}
-_GENERIC_MEANINGS = {"lr": "learning rate (peak)", "betas": "Adam betas", "eps": "Adam epsilon",
+# What each hyperparameter means: hf_mousse's optimizers read hf_mousse.optim.HELP; these are the card's own.
+CLASS_MEANING = {"optimizer_class": "optimizer class"}
+BASELINE_MEANINGS = {"lr": "learning rate (peak)", "betas": "Adam betas", "eps": "Adam epsilon",
                      "weight_decay": "decoupled weight decay", "momentum": "momentum coefficient"}
 
 LR_CONVENTIONS = {
@@ -103,38 +67,7 @@ WEIGHT_DECAY_NOTES = {
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelCardError(HfMousseError, ValueError):
-    """A training report cannot be turned into a model card (missing or malformed values, no template)."""
-
-
-class HubUploadError(HfMousseError, ValueError):
-    """An output directory cannot be uploaded as it is (missing, or without model weights)."""
-
-
 # ---------------------------------------------------------------------------- the report
-def library_versions() -> dict[str, str]:
-    """Installed versions of hf_mousse, transformers, torch and peft (those that are installed)."""
-    from .. import __version__
-
-    out = {"hf_mousse": __version__}
-    for dist in ("transformers", "torch", "peft"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def perplexity(loss: float | None) -> float | None:
-    """exp(loss); inf when it overflows, NaN for NaN, None for None."""
-    if loss is None:
-        return None
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
 @dataclass
 class TrainingReport:
     """Everything the model card says about one training run."""
@@ -179,11 +112,11 @@ class TrainingReport:
 
     @property
     def final_perplexity(self) -> float | None:
-        return perplexity(self.final_eval_loss)
+        return perplexity_from_loss(self.final_eval_loss)
 
     @property
     def best_perplexity(self) -> float | None:
-        return perplexity(self.best_eval_loss)
+        return perplexity_from_loss(self.best_eval_loss)
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -261,13 +194,25 @@ def _describe_data(text: str) -> str:
     return f"Data settings: `{text}`" if is_json else text
 
 
+def _own_keys(optimizer: str) -> list[str]:
+    """The keys only ``optimizer``'s config has (e.g. Mousse's alpha), not shared by all of ours."""
+    shared = set.intersection(*(set(c.keys()) for c in CONFIGS.values()))
+    return [k for k in CONFIGS[optimizer].keys() if k not in shared]
+
+
+def _meanings(optimizer: str) -> dict[str, str]:
+    """Key -> meaning, in the order the card lists them: for ours the class and lr first, then the
+    algorithm's own keys, then the shared ones (HELP's order); unknown keys follow, sorted."""
+    if optimizer not in NAMES:
+        return {**CLASS_MEANING, **BASELINE_MEANINGS}
+    first = ["lr", *_own_keys(optimizer)]
+    rest = {k: text for k, text in HELP.items() if k not in first}
+    return {**CLASS_MEANING, **{k: HELP[k] for k in first}, **rest}
+
+
 def _hyperparameter_rows(report: TrainingReport) -> list[dict[str, str]]:
     hyper = report.optimizer_hyperparameters
-    if report.optimizer in SPECTRAL:  # class and lr first, then the algorithm's own, then the shared ones
-        head = {k: _SHARED_MEANINGS[k] for k in ("optimizer_class", "lr")}
-        meanings = {**head, **_MEANINGS.get(report.optimizer, {}), **_SHARED_MEANINGS}
-    else:
-        meanings = {"optimizer_class": _SHARED_MEANINGS["optimizer_class"], **_GENERIC_MEANINGS}
+    meanings = _meanings(report.optimizer)
     order = [k for k in meanings if k in hyper] + sorted(k for k in hyper if k not in meanings)
     return [{"name": k, "value": _fmt(hyper[k]), "meaning": meanings.get(k, "")} for k in order]
 
@@ -302,7 +247,7 @@ def _eval_results(report: TrainingReport, dataset_type: str, dataset_name: str) 
     loss = report.final_eval_loss if report.final_eval_loss is not None else report.best_eval_loss
     if loss is None or not math.isfinite(loss):
         return []  # nothing to report, or a value the Hub's YAML validation would reject
-    values = [("loss", "Eval loss", float(loss)), ("perplexity", "Perplexity", perplexity(loss))]
+    values = [("loss", "Eval loss", float(loss)), ("perplexity", "Perplexity", perplexity_from_loss(loss))]
     return [
         EvalResult(task_type="text-generation", task_name="Causal language modelling",
                    dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=report.eval_split,
@@ -315,18 +260,21 @@ def _is_repo_id(name: str | None) -> bool:
     return bool(name) and bool(_REPO_ID.match(name)) and not os.path.exists(name)
 
 
-def render_model_card(report: TrainingReport):
-    """The model card (``huggingface_hub.ModelCard``) of ``report``: YAML metadata with a ``model-index``
-    (final eval loss and perplexity) and the text of ``model_cards/mousse_model_card.md``."""
-    from huggingface_hub import ModelCard, ModelCardData
+def _hub_base(report: TrainingReport) -> str | None:
+    """The base model if it is a Hub repo id (a local path is only named in the text)."""
+    return report.base_model if _is_repo_id(report.base_model) else None
 
-    hyper = report.optimizer_hyperparameters
+
+def _card_data(report: TrainingReport):
+    """The card's YAML metadata, with a ``model-index`` of the final eval loss and perplexity."""
+    from huggingface_hub import ModelCardData
+
     datasets = list(report.datasets)
     dataset_type = datasets[0] if datasets else "custom"
     dataset_name = ", ".join(datasets) if datasets else "custom"
-    hub_base = report.base_model if _is_repo_id(report.base_model) else None
+    hub_base = _hub_base(report)
     extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
         model_name=report.model_name,
@@ -336,28 +284,36 @@ def render_model_card(report: TrainingReport):
         eval_results=_eval_results(report, dataset_type, dataset_name) or None,
         **extra,
     )
+
+
+def _optimizer_context(report: TrainingReport) -> dict:
+    """Template variables of the optimizer section: table, conventions explained, citations."""
+    hyper = report.optimizer_hyperparameters
+    ours = report.optimizer in NAMES
     adjust_lr = str(hyper["adjust_lr"]) if "adjust_lr" in hyper else None
     wd_schedule = hyper.get("weight_decay_schedule")
     cite_mimuon, cite_wd = report.optimizer == "mimuon", wd_schedule == "corrected"
     cited = ["Mousse", "Muon"] + ["MiMuon"] * cite_mimuon + ["corrected decoupled weight decay"] * cite_wd
-    tokens_per_step = (report.tokens_seen // report.train_steps
-                       if report.train_steps and report.tokens_seen % report.train_steps == 0 else None)
-    context = {
-        "model_name": report.model_name,
-        "base_model": report.base_model,
-        "base_model_url": f"https://huggingface.co/{hub_base}" if hub_base else None,
-        "model_config_summary": report.model_config_summary,
-        "datasets": datasets,
-        "dataset_description": _describe_data(report.dataset_description),
-        "eval_split": report.eval_split,
+    return {
         "optimizer": report.optimizer,
         "optimizer_title": OPTIMIZER_TITLES.get(report.optimizer, report.optimizer),
-        "spectral": report.optimizer in SPECTRAL,
+        "spectral": ours,
         "hyperparameters": _hyperparameter_rows(report),
         "adjust_lr": adjust_lr,
-        "lr_convention": LR_CONVENTIONS.get(adjust_lr) if report.optimizer in SPECTRAL else None,
+        "lr_convention": LR_CONVENTIONS.get(adjust_lr) if ours else None,
         "weight_decay_schedule": wd_schedule,
-        "weight_decay_note": WEIGHT_DECAY_NOTES.get(wd_schedule) if report.optimizer in SPECTRAL else None,
+        "weight_decay_note": WEIGHT_DECAY_NOTES.get(wd_schedule) if ours else None,
+        "cite_mimuon": cite_mimuon,
+        "cite_corrected_wd": cite_wd,
+        "cited": ", ".join(cited[:-1]) + " and " + cited[-1],
+    }
+
+
+def _results_context(report: TrainingReport) -> dict:
+    """Template variables of the training and results sections."""
+    tokens_per_step = (report.tokens_seen // report.train_steps
+                       if report.train_steps and report.tokens_seen % report.train_steps == 0 else None)
+    return {
         "training_arguments": _training_rows(report),
         "peft": _peft_rows(report.peft),
         "peft_type": (report.peft or {}).get("type", "PEFT"),
@@ -375,11 +331,27 @@ def render_model_card(report: TrainingReport):
         "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
         "hf_mousse_version": report.versions.get("hf_mousse", ""),
         "recipe": report.recipe,
-        "cite_mimuon": cite_mimuon,
-        "cite_corrected_wd": cite_wd,
-        "cited": ", ".join(cited[:-1]) + " and " + cited[-1],
     }
-    card = ModelCard.from_template(card_data, template_str=template_text(), **context)
+
+
+def render_model_card(report: TrainingReport):
+    """The model card (``huggingface_hub.ModelCard``) of ``report``: YAML metadata with a ``model-index``
+    (final eval loss and perplexity) and the text of ``model_cards/mousse_model_card.md``."""
+    from huggingface_hub import ModelCard
+
+    hub_base = _hub_base(report)
+    context = {
+        "model_name": report.model_name,
+        "base_model": report.base_model,
+        "base_model_url": f"https://huggingface.co/{hub_base}" if hub_base else None,
+        "model_config_summary": report.model_config_summary,
+        "datasets": list(report.datasets),
+        "dataset_description": _describe_data(report.dataset_description),
+        "eval_split": report.eval_split,
+        **_optimizer_context(report),
+        **_results_context(report),
+    }
+    card = ModelCard.from_template(_card_data(report), template_str=template_text(), **context)
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n")
 
 
@@ -419,12 +391,16 @@ def prepare_hub_upload(output_dir: str, *, include_checkpoints: bool) -> list:
     hidden and ``*.tmp`` files are left out."""
     from huggingface_hub import CommitOperationAdd
 
+    files = _top_files(output_dir) + (_last_checkpoint_files(output_dir) if include_checkpoints else [])
+    return [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path) for repo_path, path in files]
+
+
+def _top_files(output_dir: str) -> list[tuple[str, str]]:
+    """(path in the repo, local path) of the files at the top of ``output_dir``; it must hold weights."""
     if not os.path.isdir(output_dir):
         raise HubUploadError(f"cannot upload {output_dir!r}: no such directory")
-    files: list[tuple[str, str]] = []
-    for entry in sorted(os.scandir(output_dir), key=lambda e: e.name):
-        if entry.is_file() and not _skipped(entry.name):
-            files.append((entry.name, entry.path))
+    files = [(entry.name, entry.path) for entry in sorted(os.scandir(output_dir), key=lambda e: e.name)
+             if entry.is_file() and not _skipped(entry.name)]
     weights = [n for n, _ in files if n.endswith((".safetensors", ".bin")) and n != "training_args.bin"]
     if not weights:
         raise HubUploadError(
@@ -432,21 +408,24 @@ def prepare_hub_upload(output_dir: str, *, include_checkpoints: bool) -> list:
             "run directory after trainer.save_model(), not to a parent folder of several runs")
     if CARD_FILE not in {n for n, _ in files}:
         warnings.warn(f"{output_dir} has no {CARD_FILE}: the repo will have no model card "
-                      "(write one with hf_mousse.integration.model_card.write_model_card)", stacklevel=2)
-    if include_checkpoints:
-        checkpoint = _newest_checkpoint(output_dir)
-        if checkpoint is None:
-            warnings.warn(f"include_checkpoints=True but {output_dir} has no {CHECKPOINT_PREFIX}* folder; "
-                          "uploading the model without a checkpoint", stacklevel=2)
-        else:
-            for root, dirs, names in os.walk(checkpoint):
-                dirs[:] = sorted(d for d in dirs if not _skipped(d))
-                for name in sorted(names):
-                    if not _skipped(name):
-                        path = os.path.join(root, name)
-                        rel = Path(os.path.relpath(path, checkpoint)).as_posix()
-                        files.append((f"{LAST_CHECKPOINT}/{rel}", path))
-    return [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path) for repo_path, path in files]
+                      "(write one with hf_mousse.integration.model_card.write_model_card)", stacklevel=3)
+    return files
+
+
+def _last_checkpoint_files(output_dir: str) -> list[tuple[str, str]]:
+    """(``last-checkpoint/...``, local path) of every file of the newest ``checkpoint-*`` folder."""
+    checkpoint = _newest_checkpoint(output_dir)
+    if checkpoint is None:
+        warnings.warn(f"include_checkpoints=True but {output_dir} has no {CHECKPOINT_PREFIX}* folder; "
+                      "uploading the model without a checkpoint", stacklevel=3)
+        return []
+    files = []
+    for root, dirs, names in os.walk(checkpoint):
+        dirs[:] = sorted(d for d in dirs if not _skipped(d))
+        for name in sorted(n for n in names if not _skipped(n)):
+            path = os.path.join(root, name)
+            files.append((f"{LAST_CHECKPOINT}/{Path(os.path.relpath(path, checkpoint)).as_posix()}", path))
+    return files
 
 
 def push_to_hub(output_dir: str, repo_id: str, *, include_checkpoints: bool = False, private: bool = False,

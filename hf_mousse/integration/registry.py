@@ -3,8 +3,9 @@
 transformers 5.x rejects an unknown name in three places (HF_INTEGRATION_FACTS.md §1): the
 ``OptimizerNames`` enum (argparse choices, ``TrainingArguments.__post_init__``, unpickling
 ``training_args.bin``), the handler table ``trainer_optimizer._OPTIMIZER_HANDLERS`` and
-``Trainer.get_optimizer_cls_and_kwargs``. We add enum members and handlers and install the
-Trainer hooks (:mod:`.trainer_hooks`).
+``Trainer.get_optimizer_cls_and_kwargs``. We add enum members and handlers, route
+``get_optimizer_cls_and_kwargs`` to :mod:`.config` for our names, and install the Trainer's
+save/load/log hooks (:mod:`.trainer_hooks`).
 
 ``import hf_mousse`` arms a post-import hook, so each transformers module is patched when it is
 first imported, without importing transformers early (that takes seconds). ``register()`` does the
@@ -19,10 +20,14 @@ import sys
 import warnings
 
 from ..errors import RegistrationError
-from .config import CONFIGS
+from . import trainer_hooks
+from .config import CONFIGS, NAMES, optim_name, optimizer_cls_and_kwargs
 
-NAMES = ("mousse", "muon", "mimuon")
-SUPPORTED = ((5, 17), (6, 0))  # [low, high): versions whose internals were read; tested on 5.23
+# [low, high) of transformers versions. Internals read on 5.23.0 and spot-checked on 5.17.0
+# (HF_INTEGRATION_FACTS.md). The tests run against whatever is installed: 5.24.0 in the development
+# environment, and in CI (`make test`: pip install -e ".[test]") the newest 5.x that pyproject.toml's
+# "transformers>=5.17,<6" allows.
+SUPPORTED = ((5, 17), (6, 0))
 _warned: set[str] = set()
 
 
@@ -86,17 +91,33 @@ def registered_names() -> tuple[str, ...]:
     return tuple(n for n in NAMES if n in members and _ours(members[n]))
 
 
-def _add_handlers(trainer_optimizer) -> None:
-    from .trainer_hooks import handler
+def handler(ctx) -> tuple[type, dict]:
+    """Entry for transformers' ``_OPTIMIZER_HANDLERS``; ``ctx.optim_args`` (leniently parsed
+    strings) is ignored in favour of our parser."""
+    return optimizer_cls_and_kwargs(ctx.args)
 
+
+def _add_handlers(trainer_optimizer) -> None:
     for value in registered_names():
         trainer_optimizer._OPTIMIZER_HANDLERS[trainer_optimizer.OptimizerNames(value)] = handler
 
 
 def _patch_trainer(trainer) -> None:
-    from .trainer_hooks import patch
+    """Our names build through :mod:`.config` (transformers' own ``--optim_args`` parser crashes on
+    malformed strings with an unpacking error); save, load and log go through :mod:`.trainer_hooks`."""
+    trainer_cls = trainer.Trainer
+    if trainer_cls.__dict__.get("_hf_mousse_patched"):
+        return
+    original_get = trainer_cls.__dict__["get_optimizer_cls_and_kwargs"].__func__
 
-    patch(trainer.Trainer)
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        if optim_name(args) in registered_names():
+            return optimizer_cls_and_kwargs(args)
+        return original_get(args, model)
+
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+    trainer_hooks.patch(trainer_cls)
+    trainer_cls._hf_mousse_patched = True
 
 
 _PATCHES = {

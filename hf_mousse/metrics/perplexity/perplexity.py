@@ -32,6 +32,15 @@ Examples:
 _CITATION = ""
 
 
+def _exp(loss):
+    # The package's one perplexity formula is hf_mousse.metrics.perplexity_from_loss; this file keeps its own
+    # copy (same overflow guard) because evaluate copies and imports it outside the package.
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def _check(losses, num_tokens):
     if len(losses) == 0:
         raise ValueError("perplexity: no losses were given (empty input)")
@@ -85,4 +94,4 @@ class Perplexity(evaluate.Metric):
 
     def _compute(self, losses, num_tokens):
         mean_loss = math.fsum(loss * count for loss, count in zip(losses, num_tokens)) / sum(num_tokens)
-        return {"perplexity": math.exp(mean_loss), "loss": mean_loss}
+        return {"perplexity": _exp(mean_loss), "loss": mean_loss}
