@@ -121,8 +121,8 @@ def test_mimuon_bucket_equals_one_optimizer_per_matrix():
     branch, a shared stack (including a 3-D experts tensor and a lagging matrix, which tests its
     gap at other global steps) gives the same weights and branch fractions as separate optimizers."""
     kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, gap_rule="relative",
-              gap_threshold=0.03, gap_every=3, sgd_scale="match", sgd_lr_ratio=0.5, ns="keller_jordan", ns_steps=5, ns_eps=1e-7,
-              ns_dtype="float32", adjust_lr="original")
+              gap_threshold=0.03, gap_every=3, sgd_scale="match", sgd_lr_ratio=0.5, ns="keller_jordan",
+              ns_steps=5, ns_eps=1e-7, ns_dtype="float32", adjust_lr="original")
     together, opt, alone, opts = run_bucketed_and_alone(MiMuon, **kw)
     for name, p in together.items():
         expected = torch.cat([q.detach().reshape(-1) for q in alone[name]])
