@@ -156,11 +156,17 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 self._add_group(self._with_params(g, members, names))
         if split["scalar"] or not params:
             g = {k: v for k, v in rest.items() if k not in ("lr", "weight_decay")}
-            lr = rest.get("scalar_lr", self.defaults["scalar_lr"])
-            g["lr"] = rest.get("lr", self.defaults["lr"]) if lr is None else lr
-            g["weight_decay"] = rest.get("scalar_weight_decay", self.defaults["scalar_weight_decay"])
+            g["lr"], g["weight_decay"] = self._scalar_settings(rest)
             members = [(i, p) for i, p, _ in split["scalar"]]
             self._add_group(self._with_params({**g, "role": "scalar"}, members, names))
+
+    def _scalar_settings(self, group: dict) -> tuple[float, float]:
+        """(lr, weight decay) of the scalar path for ``group``: its ``scalar_lr`` (else the
+        optimizer's; None means the matrix lr) and its ``scalar_weight_decay``."""
+        lr = group.get("scalar_lr", self.defaults["scalar_lr"])
+        if lr is None:
+            lr = group.get("lr", self.defaults["lr"])
+        return lr, group.get("scalar_weight_decay", self.defaults["scalar_weight_decay"])
 
     @staticmethod
     def _with_params(group: dict, members: list, names) -> dict:
@@ -171,12 +177,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def _add_group(self, group: dict) -> None:
         if group["role"] == "scalar":
-            if "lr" not in group:
-                lr = group.get("scalar_lr", self.defaults["scalar_lr"])
-                group["lr"] = self.defaults["lr"] if lr is None else lr
-            group.setdefault(
-                "weight_decay", group.get("scalar_weight_decay", self.defaults["scalar_weight_decay"])
-            )
+            lr, weight_decay = self._scalar_settings(group)
+            group.setdefault("lr", lr)
+            group.setdefault("weight_decay", weight_decay)
         else:
             group.setdefault("layout", "linear")
             group.setdefault("split", 1)
