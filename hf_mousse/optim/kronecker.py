@@ -50,16 +50,21 @@ def refresh_eigenbasis(
     eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps.
     A factor with zero (or non-finite) trace keeps its old basis: an all-zero gradient must not
     produce NaN (the official code divides by the trace unguarded).
+
+    One temporary of the factor's size (the damped, normalised copy) besides eigh's own: the scale
+    is applied in one multiply and eps on the diagonal in place; results are selected into the
+    state in place.
     """
     d = factor.size(-1)
-    eye = torch.eye(d, device=factor.device, dtype=factor.dtype)
-    f = factor / bias_correction
-    trace = f.diagonal(dim1=-2, dim2=-1).sum(-1)
-    valid = torch.isfinite(trace) & (trace > torch.finfo(f.dtype).tiny * d)
-    safe_trace = torch.where(valid, trace, torch.ones_like(trace))
-    f = f * (d / safe_trace)[:, None, None]
-    # Invalid entries become eps*I here so that eigh never sees NaN; their result is discarded below.
-    f = torch.where(valid[:, None, None], f, torch.zeros_like(f)) + eps * eye
+    trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
+    valid = torch.isfinite(trace) & (trace > torch.finfo(factor.dtype).tiny * d)
+    # F / (1 - beta^t) * d / trace, as one scale; invalid entries become eps I so eigh never sees NaN
+    # (their result is discarded below).
+    scale = torch.where(valid, d / (trace.where(valid, torch.ones_like(trace)) * bias_correction),
+                        torch.zeros_like(trace))
+    f = factor * scale[:, None, None]
+    f.masked_fill_(~valid[:, None, None], 0.0)
+    f.diagonal(dim1=-2, dim2=-1).add_(eps)
     result = _eigh(f, stats)
     if result is None:  # some matrix in the batch failed both ways: retry one by one
         vals, vecs = eigvals.clone(), eigvecs.clone()
@@ -74,10 +79,9 @@ def refresh_eigenbasis(
         valid = valid & ok
     else:
         vals, vecs = result
-    shift = torch.clamp(-vals.amin(dim=-1, keepdim=True), min=0.0) + eps
-    vals = vals + shift
-    eigvals.copy_(torch.where(valid[:, None], vals, eigvals))
-    eigvecs.copy_(torch.where(valid[:, None, None], vecs, eigvecs))
+    vals += torch.clamp(-vals.amin(dim=-1, keepdim=True), min=0.0) + eps
+    torch.where(valid[:, None], vals, eigvals, out=eigvals)
+    torch.where(valid[:, None, None], vecs, eigvecs, out=eigvecs)
     stats.refreshed += f.size(0)
 
 

@@ -5,8 +5,6 @@ their class default; their runs used 0.06) and the scalar path (AdamW; theirs: L
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
 
 from . import state_keys as keys
@@ -96,32 +94,17 @@ class Mousse(SpectralOptimizer):
         gg = gram(g, side)
         torch._foreach_lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
                              1 - group["beta"])
-        vals = bucket.cat_state(keys.kron_eigvals(side))
-        vecs = bucket.cat_state(keys.kron_eigvecs(side))
-        due = [i for i, s in enumerate(bucket.states) if is_due(s[keys.STEP], group["refresh_every"])]
-        # Step counters are per parameter (one that skipped a gradient lags behind), and the bias
-        # correction 1 - beta^t depends on t: refresh each step count as its own batch.
-        for t in sorted({bucket.states[i][keys.STEP] for i in due}):
-            members = [i for i in due if bucket.states[i][keys.STEP] == t]
-            self._refresh(bucket, side, members, t, factors, vals, vecs)
-        return vals, vecs
-
-    def _refresh(self, bucket: Bucket, side: str, members: list[int], t: int, factors, vals, vecs) -> None:
-        """Recompute the eigenbases of ``members`` (bucket indices, all at step ``t``), in the bucket's
-        stacks ``vals``/``vecs`` and in each member's own state."""
-        group = bucket.group
-        rows = bucket.rows(members)
-        v, q = vals[rows], vecs[rows]
-        refresh_eigenbasis(
-            torch.cat([factors[i] for i in members]), v, q,
-            bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
-            eps=group["eps"], stats=self.eigh_stats,
-        )
-        vals[rows], vecs[rows] = v, q
-        for i, o in zip(members, accumulate([0, *(bucket.counts[i] for i in members)])):
-            k = bucket.counts[i]
-            bucket.states[i][keys.kron_eigvals(side)].copy_(v[o : o + k])
-            bucket.states[i][keys.kron_eigvecs(side)].copy_(q[o : o + k])
+        for factor, st in zip(factors, bucket.states):
+            # Step counters are per parameter (one that skipped a gradient lags behind), and so is
+            # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
+            t = st[keys.STEP]
+            if is_due(t, group["refresh_every"]):
+                refresh_eigenbasis(
+                    factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)],
+                    bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
+                    eps=group["eps"], stats=self.eigh_stats,
+                )
+        return bucket.cat_state(keys.kron_eigvals(side)), bucket.cat_state(keys.kron_eigvecs(side))
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""
