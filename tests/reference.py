@@ -70,8 +70,9 @@ def _refresh(f, t, beta, eps, bias_correction):
 
 def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.01, alpha=0.125, beta=0.95,
            refresh_every=10, eps=1e-5, bias_correction=True, grafting=True, sides="both",
-           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm"):
-    """§b.4 pseudocode, float64, bf16 casts omitted. Returns the weight after each step."""
+           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm", refresh_phase=0):
+    """§b.4 pseudocode, float64, bf16 casts omitted. Returns the weight after each step.
+    ``refresh_phase`` p != 0 (hf_mousse's staggered schedule) refreshes at t = 1 and t = 1 + p + jT."""
     w = w0.double().clone()
     m, n = w.shape
     M = torch.zeros_like(w)
@@ -87,7 +88,7 @@ def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.
             L = beta * L + (1 - beta) * g @ g.T
         if use_right:
             R = beta * R + (1 - beta) * g.T @ g
-        if refresh_every == 1 or t % refresh_every == 1:
+        if t == 1 or (t - 1 - refresh_phase) % refresh_every == 0:
             if use_left:
                 lam_l, q_l = _refresh(L, t, beta, eps, bias_correction)
             if use_right:

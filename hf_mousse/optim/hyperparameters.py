@@ -39,6 +39,9 @@ HELP: dict[str, str] = {
     "alpha": "whitening exponent: the Kronecker factors' eigenvalues are raised to -alpha (0 gives Muon)",
     "beta": "EMA coefficient of the Kronecker factors L = E[G G^T], R = E[G^T G]",
     "refresh_every": "T: the factors' eigenbases are recomputed at steps 1, T + 1, 2T + 1, ...",
+    "refresh_schedule": "together (all matrices refresh at the same steps, as the authors' code) or "
+                        "staggered (each matrix at its own phase, cost-balanced, so each step pays ~1/T of "
+                        "the eigendecompositions; all still refresh at step 1)",
     "eps": "damping of the factors, relative to their mean eigenvalue 1",
     "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
                        "that follows cancels it; kept for fidelity with the authors' code)",

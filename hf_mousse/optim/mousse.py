@@ -14,6 +14,7 @@ from .kronecker import gram, precondition, refresh_eigenbasis
 from .roles import matrix_dims
 
 SIDES = ("both", "left", "right")
+REFRESH_SCHEDULES = ("together", "staggered")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
 
 
@@ -31,6 +32,7 @@ class Mousse(SpectralOptimizer):
         alpha: float = 0.125,
         beta: float = 0.95,
         refresh_every: int = 10,
+        refresh_schedule: str = "together",
         eps: float = 1e-5,
         bias_correction: bool = True,
         grafting: bool = True,
@@ -42,7 +44,8 @@ class Mousse(SpectralOptimizer):
         **shared,
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, alpha=alpha,
-                        beta=beta, refresh_every=refresh_every, eps=eps, bias_correction=bias_correction,
+                        beta=beta, refresh_every=refresh_every,
+                        refresh_schedule=refresh_schedule, eps=eps, bias_correction=bias_correction,
                         grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
                         adjust_lr=adjust_lr)
         super().__init__(params, defaults, **shared)
@@ -60,6 +63,8 @@ class Mousse(SpectralOptimizer):
         _check(0 <= g["beta"] < 1, "beta", g["beta"], "a float in [0, 1)")
         t = g["refresh_every"]
         _check(isinstance(t, int) and t >= 1, "refresh_every", t, "an int >= 1")
+        _check(g["refresh_schedule"] in REFRESH_SCHEDULES, "refresh_schedule", g["refresh_schedule"],
+               f"one of {REFRESH_SCHEDULES}")
         _check(g["eps"] > 0, "eps", g["eps"], "a float > 0")
         _check(isinstance(g["bias_correction"], bool), "bias_correction", g["bias_correction"], "a bool")
         _check(isinstance(g["grafting"], bool), "grafting", g["grafting"], "a bool")
@@ -67,6 +72,8 @@ class Mousse(SpectralOptimizer):
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
+        if group["refresh_schedule"] == "staggered":
+            state[keys.REFRESH_PHASE] = self._least_loaded_phase(group["refresh_every"])
         for side in _SIDES[group["sides"]]:
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
@@ -98,13 +105,35 @@ class Mousse(SpectralOptimizer):
             # Step counters are per parameter (one that skipped a gradient lags behind), and so is
             # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
             t = st[keys.STEP]
-            if is_due(t, group["refresh_every"]):
+            if self._refresh_due(st, group):
                 refresh_eigenbasis(
                     factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)],
                     bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
                     eps=group["eps"], stats=self.eigh_stats,
                 )
         return bucket.cat_state(keys.kron_eigvals(side)), bucket.cat_state(keys.kron_eigvecs(side))
+
+    @staticmethod
+    def _refresh_due(state: dict, group: dict) -> bool:
+        """At t = 1, and then every ``refresh_every`` steps: at t = 1 + phase + j T, where the phase is 0
+        (the authors' schedule: all matrices together) or the parameter's own, under "staggered"."""
+        t, period = state[keys.STEP], group["refresh_every"]
+        return t == 1 or is_due(t - state.get(keys.REFRESH_PHASE, 0), period)
+
+    def _least_loaded_phase(self, period: int) -> int:
+        """A refresh phase for a new parameter: the one whose refreshes cost least so far over all
+        staggered parameters with the same period (eigh costs ~d^3 per d x d factor), so that each
+        step pays about 1/T of a whole refresh."""
+        load = [0.0] * period
+        for group in self.param_groups:
+            if group["refresh_every"] != period:
+                continue
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if keys.REFRESH_PHASE in st:
+                    factors = [st[keys.kron(side)] for side in _SIDES[group["sides"]]]
+                    load[st[keys.REFRESH_PHASE]] += sum(f.shape[0] * f.shape[-1] ** 3 for f in factors)
+        return min(range(period), key=load.__getitem__)
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""

@@ -7,6 +7,7 @@ STEP = "step"  # int: steps this parameter has taken (per parameter, not per gro
 MOMENTUM = "momentum"  # matrix path: EMA (Muon, MiMuon) or heavy-ball (Mousse) momentum
 EXP_AVG = "exp_avg"  # scalar path: first moment (AdamW) or momentum (Lion)
 EXP_AVG_SQ = "exp_avg_sq"  # scalar path, AdamW only: second moment
+REFRESH_PHASE = "refresh_phase"  # Mousse, refresh_schedule="staggered": int in [0, refresh_every)
 MUON_BRANCH = "muon_branch"  # MiMuon: bool per block, the branch chosen at the last gap test
 MUON_BRANCH_STEPS = "muon_branch_steps"  # MiMuon: per block, steps taken on the Muon branch
 
