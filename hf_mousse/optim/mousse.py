@@ -48,6 +48,7 @@ class Mousse(SpectralOptimizer):
                         refresh_schedule=refresh_schedule, eps=eps, bias_correction=bias_correction,
                         grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
                         adjust_lr=adjust_lr)
+        self._pending_phases: dict[torch.Tensor, int] = {}  # staggered phases dealt, not yet in state
         super().__init__(params, defaults, **shared)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -73,7 +74,7 @@ class Mousse(SpectralOptimizer):
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
         if group["refresh_schedule"] == "staggered":
-            state[keys.REFRESH_PHASE] = self._least_loaded_phase(group["refresh_every"])
+            state[keys.REFRESH_PHASE] = self._refresh_phase(p, group["refresh_every"])
         for side in _SIDES[group["sides"]]:
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
@@ -120,20 +121,34 @@ class Mousse(SpectralOptimizer):
         t, period = state[keys.STEP], group["refresh_every"]
         return t == 1 or is_due(t - state.get(keys.REFRESH_PHASE, 0), period)
 
-    def _least_loaded_phase(self, period: int) -> int:
-        """A refresh phase for a new parameter: the one whose refreshes cost least so far over all
-        staggered parameters with the same period (eigh costs ~d^3 per d x d factor), so that each
-        step pays about 1/T of a whole refresh."""
-        load = [0.0] * period
-        for group in self.param_groups:
-            if group["refresh_every"] != period:
-                continue
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                if keys.REFRESH_PHASE in st:
-                    factors = [st[keys.kron(side)] for side in _SIDES[group["sides"]]]
-                    load[st[keys.REFRESH_PHASE]] += sum(f.shape[0] * f.shape[-1] ** 3 for f in factors)
-        return min(range(period), key=load.__getitem__)
+    def _refresh_phase(self, p: torch.Tensor, period: int) -> int:
+        """The staggered refresh phase of a new parameter. Phases are dealt to every staggered
+        parameter of this period that has none yet, at once: largest refresh cost first (eigh costs
+        ~d^3 per d x d factor), each to the phase with the least cost so far, so that each step pays
+        about 1/T of a whole refresh."""
+        if p not in self._pending_phases:
+            load = [0.0] * period
+            new = []
+            for group in self.param_groups:
+                if group["refresh_schedule"] != "staggered" or group["refresh_every"] != period:
+                    continue
+                for q in group["params"]:
+                    phase = self.state.get(q, {}).get(keys.REFRESH_PHASE)
+                    cost = self._refresh_cost(q, group)
+                    if phase is None:
+                        new.append((cost, q))
+                    else:
+                        load[phase] += cost
+            for cost, q in sorted(new, key=lambda item: -item[0]):
+                phase = min(range(period), key=load.__getitem__)
+                load[phase] += cost
+                self._pending_phases[q] = phase
+        return self._pending_phases.pop(p)
+
+    @staticmethod
+    def _refresh_cost(p: torch.Tensor, group: dict) -> float:
+        k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
+        return k * sum((m if side == "left" else n) ** 3 for side in _SIDES[group["sides"]])
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""
