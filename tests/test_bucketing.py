@@ -136,3 +136,36 @@ def test_mimuon_bucket_equals_one_optimizer_per_matrix():
         assert fractions[name] == pytest.approx(alone_fractions[name], abs=1e-6), name
     values = sorted(alone_fractions.values())
     assert values[0] < 1.0 and values[-1] > 0.0, f"both branches must occur: {alone_fractions}"
+
+
+def test_cached_eigenbases_are_stacked_once_not_copied_every_step():
+    """The eigenbases of a bucket live in one stacked tensor that the parameters' state entries view:
+    the same storage on every step (refreshes included) and shared by the bucket's matrices, so no
+    per-step concatenation; a state loaded from a state_dict is restacked and gives the same steps."""
+    params = [torch.nn.Parameter(torch.randn(6, 9, generator=torch.Generator().manual_seed(i)))
+              for i in range(3)]
+    opt = Mousse(params, lr=0.02, refresh_every=3)
+
+    def storages():
+        return {opt.state[p][key].untyped_storage().data_ptr()
+                for p in params for key in ("kron_left_eigvecs", "kron_left_eigvals")}
+
+    def step(seed):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(6, 9, generator=torch.Generator().manual_seed(100 * seed + i))
+        opt.step()
+
+    step(0)
+    shared = storages()
+    assert len(shared) == 2  # one stack per key for the three matrices
+    for seed in range(1, 8):  # refreshes at t = 4 and 7
+        step(seed)
+        assert storages() == shared, f"step {seed + 1} restacked the cached eigenbases"
+    other = Mousse([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.02, refresh_every=3)
+    other.load_state_dict(opt.state_dict())
+    for seed in range(8, 11):
+        for i, (p, q) in enumerate(zip(params, other.param_groups[0]["params"])):
+            p.grad = q.grad = torch.randn(6, 9, generator=torch.Generator().manual_seed(100 * seed + i))
+        opt.step()
+        other.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, other.param_groups[0]["params"]))

@@ -78,9 +78,6 @@ class Bucket:
             out[o : o + k].copy_(to_blocks(t, layout, split))
         return out
 
-    def cat_state(self, key: str) -> torch.Tensor:
-        return torch.cat([s[key] for s in self.states])
-
     def rows(self, indices: list[int]) -> torch.Tensor:
         """Block indices (into the stack) of the given parameters."""
         return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.counts[i], device=self.device)
@@ -124,6 +121,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
         self._update_sq: dict[str, torch.Tensor] = {}  # role -> sum of squared applied updates
         self._update_numel: dict[str, int] = defaultdict(int)
+        # state key -> {ids of a bucket's parameters: (stack, the views of it held in their states)}
+        self._stacks: dict[str, dict[frozenset, tuple[torch.Tensor, list[torch.Tensor]]]] = defaultdict(dict)
         shared = dict(ns_dtype=ns_dtype, weight_decay_schedule=weight_decay_schedule,
                       scalar_optimizer=scalar_optimizer, scalar_lr=scalar_lr,
                       scalar_weight_decay=scalar_weight_decay, betas=tuple(betas), scalar_eps=scalar_eps)
@@ -430,6 +429,25 @@ class SpectralOptimizer(torch.optim.Optimizer):
             dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
             bucket.x = bucket.stack([directions[i] for i in idx], dtype)
             yield bucket
+
+    def _stacked_state(self, bucket: Bucket, key: str) -> torch.Tensor:
+        """The bucket's per-parameter ``key`` entries as one (blocks, ...) tensor, without a copy per
+        step: the first call stacks them and makes each parameter's entry a view of its slice, so
+        in-place updates of the entries update the stack. Rebuilt (one copy) when the entries change:
+        another set of parameters in the bucket, or state loaded from a checkpoint."""
+        members = frozenset(map(id, bucket.params))
+        cached = self._stacks[key].get(members)
+        if cached is not None and all(s[key] is v for s, v in zip(bucket.states, cached[1])):
+            return cached[0]
+        stack = torch.cat([s[key] for s in bucket.states])
+        views = [stack[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)]
+        for s, v in zip(bucket.states, views):
+            s[key] = v
+        stale = [other for other in self._stacks[key] if other & members]  # their views were replaced
+        for other in stale:
+            del self._stacks[key][other]
+        self._stacks[key][members] = (stack, views)
+        return stack
 
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
         """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout."""

@@ -112,7 +112,8 @@ class Mousse(SpectralOptimizer):
                     bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
                     eps=group["eps"], stats=self.eigh_stats,
                 )
-        return bucket.cat_state(keys.kron_eigvals(side)), bucket.cat_state(keys.kron_eigvecs(side))
+        return (self._stacked_state(bucket, keys.kron_eigvals(side)),
+                self._stacked_state(bucket, keys.kron_eigvecs(side)))
 
     @staticmethod
     def _refresh_due(state: dict, group: dict) -> bool:
