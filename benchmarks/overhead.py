@@ -26,10 +26,8 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+from environment import device_name, git, loadavg, sync  # noqa: E402
 
 import hf_mousse  # noqa: E402
 from hf_mousse.optim.orthogonalize import resolve_schedule  # noqa: E402
@@ -246,38 +246,6 @@ def flop_bound_ms(flops: dict, ns_dtype: str | None, rates: dict) -> tuple[float
 
 
 # ---------------------------------------------------------------------------- environment
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
-
-
-def git(*cmd: str) -> str:
-    try:
-        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def matmul_rates(device: torch.device) -> dict:
     """Measured rate of one large square matmul: fp32 everywhere, bf16 too on CUDA (with the current
     TF32 setting, torch's default being off). Median of several repetitions after a warm-up."""

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+from environment import device_name, git_commit, loadavg, sync  # noqa: E402
 
 import hf_mousse  # noqa: E402
 
@@ -89,33 +89,6 @@ def optimizers(device: torch.device) -> list[dict]:
              make=lambda ps: torch.optim.AdamW(ps, lr=ADAMW_LR)),
     ]
     return rows
-
-
-# ---------------------------------------------------------------------------- environment
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -201,8 +174,8 @@ def run_set(name: str, args, device, rows) -> dict:
         t0 = time.perf_counter()
         print(f"  timing {row['label']} ...", end="", flush=True)
         results.append(time_one(row, master_params, master_grads, device, args.warmup, args.iters))
-        results[-1]["loadavg_1min_after"] = os.getloadavg()[0]
-        print(f" done in {time.perf_counter() - t0:.1f} s (load average {os.getloadavg()[0]:.2f})",
+        results[-1]["loadavg_1min_after"] = loadavg()
+        print(f" done in {time.perf_counter() - t0:.1f} s (load average {loadavg():.2f})",
               flush=True)
     del master_params, master_grads
 
@@ -370,7 +343,7 @@ def main():
                   "torch.optim.Muon": "lr=0.02, torch defaults (bf16 NS, Keller Jordan coeffs, 5 steps)",
                   "hf_mousse": "lr=0.02, class defaults (ns_dtype='auto': bf16 on CUDA, fp32 elsewhere)",
                   "torch.optim.AdamW": "lr=1e-3, foreach=None (torch's default choice)"},
-        loadavg_1min_at_start=os.getloadavg()[0],
+        loadavg_1min_at_start=loadavg(),
         rows={r["key"]: dict(label=r["label"], ns_dtype=r["ns"]) for r in rows},
     )
     print("Optimizer step time (only opt.step() is timed; no model, no tokens)")
