@@ -60,8 +60,7 @@ def refresh_eigenbasis(
     valid = torch.isfinite(trace) & (trace > torch.finfo(factor.dtype).tiny * d)
     # F / (1 - beta^t) * d / trace, as one scale; invalid entries become eps I so eigh never sees NaN
     # (their result is discarded below).
-    scale = torch.where(valid, d / (trace.where(valid, torch.ones_like(trace)) * bias_correction),
-                        torch.zeros_like(trace))
+    scale = d / (torch.where(valid, trace, torch.ones_like(trace)) * bias_correction)
     f = factor * scale[:, None, None]
     f.masked_fill_(~valid[:, None, None], 0.0)
     f.diagonal(dim1=-2, dim2=-1).add_(eps)
