@@ -36,6 +36,9 @@ FORMATS = ("text", "prompt_response")
 TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
 BUILTIN_CHUNK_CHARS = 2000
+# pydoc: CPython's English help topics (~120k tokens); stdlib: the standard library's Python source
+# (~30 MB, one document per file), large enough that a CPU run sees each token at most once.
+BUILTIN_CORPORA = ("pydoc", "stdlib")
 
 
 # ----------------------------------------------------------------------------------------------- corpora
@@ -68,6 +71,27 @@ def _pydoc_rows(max_chars: int = BUILTIN_CHUNK_CHARS) -> list[str]:
         if chunk:
             rows.append(chunk)
     return rows
+
+
+def stdlib_files() -> list[str]:
+    """The Python source files of this interpreter's standard library (~1,800 files, ~30 MB of code,
+    sorted by path; site-packages excluded): a code corpus present on every machine."""
+    import pathlib
+    import sysconfig
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+
+
+def read_documents(files: list[str]) -> list[str]:
+    """Each file's text as one document (undecodable bytes replaced, empty files dropped)."""
+    docs = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            docs.append(text)
+    return docs
 
 
 # ------------------------------------------------------------------------------------------- tokenizers
@@ -161,9 +185,9 @@ def _check_data_spec(spec: dict) -> str:
         raise DataSpecError(
             f"data with source {source!r} has unknown key(s) {unknown}; valid keys are {valid}."
         )
-    if source == "builtin" and spec["builtin"] != "pydoc":
+    if source == "builtin" and spec["builtin"] not in BUILTIN_CORPORA:
         raise DataSpecError(
-            f"data.builtin={spec['builtin']!r} is unknown; the only builtin corpus is 'pydoc'."
+            f"data.builtin={spec['builtin']!r} is unknown; builtin corpora are {BUILTIN_CORPORA}."
         )
     if spec.get("format", "text") not in FORMATS:
         raise DataSpecError(f"data.format={spec['format']!r} is unknown; valid formats are {FORMATS}.")
@@ -236,7 +260,7 @@ def _to_text_column(dataset: datasets.Dataset, spec: dict) -> datasets.Dataset:
 def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.DatasetDict:
     """Load the corpus a recipe's ``data:`` block names: ``train``/``validation`` splits, one ``text`` column.
 
-    Sources (exactly one): ``builtin: pydoc``; ``dataset: <Hub name or local dataset dir>`` with optional
+    Sources (exactly one): ``builtin: pydoc`` or ``builtin: stdlib``; ``dataset: <Hub name or local dataset dir>`` with optional
     ``config``, ``train_split`` (default ``train``) and ``validation_split``; ``train_files`` with optional
     ``validation_files`` (local .txt/.json/.jsonl). Without a validation split or files, a deterministic
     ``validation_fraction`` (default 0.05, shuffled with ``seed``, default 0) of train is held out.
@@ -258,7 +282,8 @@ def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.Dat
 def _load_source(source: str, spec: dict, cache_dir: str | None):
     """(train, validation or None) as the source gives them, before any column handling."""
     if source == "builtin":
-        return datasets.Dataset.from_dict({"text": _pydoc_rows()}), None
+        rows = _pydoc_rows() if spec["builtin"] == "pydoc" else read_documents(stdlib_files())
+        return datasets.Dataset.from_dict({"text": rows}), None
     if source == "dataset":
         name, config = spec["dataset"], spec.get("config")
         train = datasets.load_dataset(name, config, split=spec.get("train_split", "train"),

@@ -276,7 +276,7 @@ def test_dataset_route_loads_a_local_dataset_directory(tmp_path):
         ({"builtin": "pydoc", "dataset": "x"}, r"exactly one source .* got \['builtin', 'dataset'\]"),
         ({"builtin": "pydoc", "text_column": "t"}, r"unknown key\(s\) \['text_column'\]; valid keys are"),
         ({"dataset": "x", "validation_files": ["v.txt"]}, r"unknown key\(s\) \['validation_files'\]"),
-        ({"builtin": "wiki"}, "only builtin corpus is 'pydoc'"),
+        ({"builtin": "wiki"}, r"builtin corpora are \('pydoc', 'stdlib'\)"),
         ({"builtin": "pydoc", "validation_fraction": 1.5}, "strictly between 0 and 1"),
         (
             {"train_files": ["a.txt"], "validation_files": ["b.txt"], "validation_fraction": 0.1},
