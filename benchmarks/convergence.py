@@ -391,8 +391,8 @@ def render_markdown(report: dict) -> str:
             per = [_fmt(x, ".2f") for x in r["ratio_to_muon_per_seed"]]
             ratio = f"- (per seed: {', '.join(per)})"
         label_args = f"{label} ({r['optim_args']})" if r["optim_args"] else label
-        lines.append(f"| {label_args} | {lr} | {r['final_eval_loss_mean']:.3f} ± {r['final_eval_loss_std']:.3f} "
-                     f"| {steps} | {ratio} |")
+        final = f"{r['final_eval_loss_mean']:.3f} ± {r['final_eval_loss_std']:.3f}"
+        lines.append(f"| {label_args} | {lr} | {final} | {steps} | {ratio} |")
     if report.get("sweeps"):
         lines += ["", "Learning-rate sweeps (seed 0, final eval loss): " + "; ".join(
             f"{label}: " + ", ".join(f"{r['lr']:g} → {r['final_eval_loss']:.3f}" for r in runs)

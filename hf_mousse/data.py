@@ -260,10 +260,11 @@ def _to_text_column(dataset: datasets.Dataset, spec: dict) -> datasets.Dataset:
 def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.DatasetDict:
     """Load the corpus a recipe's ``data:`` block names: ``train``/``validation`` splits, one ``text`` column.
 
-    Sources (exactly one): ``builtin: pydoc`` or ``builtin: stdlib``; ``dataset: <Hub name or local dataset dir>`` with optional
-    ``config``, ``train_split`` (default ``train``) and ``validation_split``; ``train_files`` with optional
-    ``validation_files`` (local .txt/.json/.jsonl). Without a validation split or files, a deterministic
-    ``validation_fraction`` (default 0.05, shuffled with ``seed``, default 0) of train is held out.
+    Sources (exactly one): ``builtin: pydoc`` or ``builtin: stdlib``; ``dataset: <Hub name or local dataset
+    dir>`` with optional ``config``, ``train_split`` (default ``train``) and ``validation_split``;
+    ``train_files`` with optional ``validation_files`` (local .txt/.json/.jsonl). Without a validation
+    split or files, a deterministic ``validation_fraction`` (default 0.05, shuffled with ``seed``, default
+    0) of train is held out.
     ``max_train_rows``/``max_validation_rows`` keep (at most) the first rows, for short runs.
     """
     source = _check_data_spec(spec)
