@@ -10,6 +10,7 @@ not zero them). No model, no forward/backward, no tokens: only ``opt.step()`` is
     python benchmarks/step_time.py --device cpu --set gpt2 --layers 2 --scale 0.25
     python benchmarks/step_time.py --only torch_muon,hf_muon --iters 100
     python benchmarks/step_time.py --render benchmarks/results/step_time-cpu-gpt2.json   # markdown table
+    python benchmarks/step_time.py --device cpu --authors-src /tmp/authors_mousse  # + the authors' Mousse
 
 Ratios compare like with like: each row is divided by the Muon row that runs Newton-Schulz in the same
 dtype (bf16 rows by torch.optim.Muon, fp32 rows by hf_mousse.Muon). See benchmarks/README.md.
@@ -66,8 +67,9 @@ def auto_ns_dtype(device_type: str) -> str:
     return "bf16" if device_type == "cuda" else "fp32"
 
 
-def optimizers(device: torch.device) -> list[dict]:
-    """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses."""
+def optimizers(device: torch.device, authors_src: str | None = None) -> list[dict]:
+    """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses. With
+    ``authors_src`` (a directory the authors' repository was exported to) a row runs their Mousse."""
     auto = auto_ns_dtype(device.type)
     rows = [
         dict(key="torch_muon", label="torch.optim.Muon", ns="bf16",
@@ -83,6 +85,15 @@ def optimizers(device: torch.device) -> list[dict]:
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="both")),
         dict(key="mousse_left", label="hf_mousse.Mousse(sides=left)", ns=auto,
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="left")),
+    ]
+    if authors_src:
+        import authors_mousse  # only with --authors-src: their code is loaded from that directory
+
+        ns_dtype = torch.bfloat16 if auto == "bf16" else torch.float32
+        authors_mousse.load(authors_src, handoff=ns_dtype)  # fail before any timing if it cannot load
+        rows.append(dict(key="authors", label=f"authors' Mousse ({auto} NS)", ns=auto,
+                         make=lambda ps: authors_mousse.make(ps, authors_src, lr=LR, ns_dtype=ns_dtype)))
+    rows += [
         dict(key="mimuon", label="hf_mousse.MiMuon", ns=auto,
              make=lambda ps: hf_mousse.MiMuon(ps, lr=LR)),
         dict(key="adamw", label="torch.optim.AdamW", ns="-",
@@ -110,7 +121,7 @@ def make_data(shapes, device, seed: int):
 def refresh_period(opt) -> int | None:
     """Steps between Mousse eigenbasis refreshes / MiMuon gap tests (None: no periodic extra work)."""
     for g in opt.param_groups:
-        period = g.get("refresh_every") or g.get("gap_every")
+        period = g.get("refresh_every") or g.get("gap_every") or g.get("shampoo_update_freq")  # authors'
         if period:
             return period
     return None
@@ -181,9 +192,27 @@ def run_set(name: str, args, device, rows) -> dict:
 
     add_ratios(results, auto_ns_dtype(device.type))
     print_table(results)
+    comparison = authors_comparison(results)
+    if comparison:
+        print(f"\n{comparison['text']}")
     return dict(title=spec["title"], layers=layers, scale=args.scale, full_size=full,
                 shapes={n: list(s) for n, s in unique.items()}, num_matrices=len(shapes),
-                num_params=sum(o * k for _, (o, k) in shapes), results=results)
+                num_params=sum(o * k for _, (o, k) in shapes), results=results,
+                authors_comparison=comparison)
+
+
+def authors_comparison(results: list[dict]) -> dict | None:
+    """hf_mousse.Mousse(sides=both) over the authors' Mousse, same parameters, gradients and NS dtype:
+    the median step without refresh, and the mean (refresh amortised). Below 1: ours is faster."""
+    by_key = {r["key"]: r for r in results}
+    ours, theirs = by_key.get("mousse_both"), by_key.get("authors")
+    if not ours or not theirs:
+        return None
+    out = {k: ours[k] / theirs[k] for k in ("median_no_refresh_ms", "mean_ms", "median_ms")}
+    out["text"] = (f"{ours['label']} / {theirs['label']} (same NS dtype, {ours['ns_dtype']}): "
+                   f"{out['median_no_refresh_ms']:.3f}x at the median step without refresh, "
+                   f"{out['mean_ms']:.3f}x on the mean (refresh amortised); below 1 = hf_mousse faster")
+    return out
 
 
 def baseline_for(row: dict, results: list[dict], auto: str) -> dict | None:
@@ -251,6 +280,13 @@ def render_markdown(data: dict) -> str:
         for r in results:
             out.append(f"| {r['label']} | {r['ns_dtype']} | {r['median_ms']:.1f} | {r['mean_ms']:.1f} | "
                        f"{_baseline_label(r, results)} | {fmt(r['ratio_median'])} | {fmt(r['ratio_mean'])} |")
+        comparison = authors_comparison(results)
+        if comparison:
+            authors = meta.get("authors") or {}
+            out.append("")
+            out.append(f"{comparison['text']}. Authors' code: {authors.get('repo', '?')} at commit "
+                       f"{authors.get('commit', '?')}, patched in memory to run in one CPU process "
+                       f"({', '.join(authors.get('patches', []))}; benchmarks/authors_mousse.py).")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -294,8 +330,14 @@ def parse_args():
                     help="timed steps, ideally a multiple of 10 (default: 50 CUDA, 10 CPU)")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
-                         "mousse_both, mousse_left, mimuon, adamw (a row whose same-NS-dtype Muon "
-                         "baseline is left out gets ratio n/a)")
+                         "mousse_both, mousse_left, authors (with --authors-src), mimuon, adamw (a row "
+                         "whose same-NS-dtype Muon baseline is left out gets ratio n/a)")
+    ap.add_argument("--authors-src", metavar="DIR", default=None,
+                    help="directory the authors' Mousse repository was exported to (outside this "
+                         "checkout): adds the row 'authors' (see benchmarks/README.md)")
+    ap.add_argument("--authors-commit", metavar="SHA", default=None,
+                    help="the authors' commit that was exported, for the result file (default: the "
+                         "file DIR/COMMIT, else git rev-parse HEAD in DIR)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(N) (default: torch's choice); on a shared CPU, fewer "
                          "threads than cores avoids OpenMP slowdowns under contention")
@@ -325,9 +367,14 @@ def main():
     if args.render:
         print(render_markdown(json.loads(Path(args.render).read_text())), end="")
         return
-    rows = optimizers(device)
-    if args.only:
-        wanted = [k.strip() for k in args.only.split(",") if k.strip()]
+    if args.authors_commit and not args.authors_src:
+        sys.exit("--authors-commit needs --authors-src")
+    wanted = [k.strip() for k in args.only.split(",") if k.strip()] if args.only else None
+    if wanted and "authors" in wanted and not args.authors_src:
+        sys.exit("--only authors needs --authors-src DIR (the authors' repository, exported; see "
+                 "benchmarks/README.md)")
+    rows = optimizers(device, args.authors_src)
+    if wanted:
         unknown = set(wanted) - {r["key"] for r in rows}
         if unknown:
             sys.exit(f"unknown --only names {sorted(unknown)}; choose from {[r['key'] for r in rows]}")
@@ -346,6 +393,14 @@ def main():
         loadavg_1min_at_start=loadavg(),
         rows={r["key"]: dict(label=r["label"], ns_dtype=r["ns"]) for r in rows},
     )
+    if any(r["key"] == "authors" for r in rows):
+        import authors_mousse
+
+        ns_dtype = torch.bfloat16 if meta["ns_dtype_auto"] == "bf16" else torch.float32
+        meta["authors"] = authors_mousse.describe(args.authors_src, args.authors_commit, ns_dtype)
+        meta["settings"]["authors' Mousse"] = (
+            "lr=0.02 and hf_mousse.Mousse's defaults (both sides), NS through their newton_schulz_func "
+            "hook (hf_mousse's, Dion schedule) in the NS dtype, momentum handed over in the NS dtype")
     print("Optimizer step time (only opt.step() is timed; no model, no tokens)")
     print(f"device: {meta['device']} ({meta['device_name']})")
     print(f"torch {meta['torch']}, hf_mousse {meta['hf_mousse']}, commit {meta['commit']}, "
@@ -370,6 +425,11 @@ def main():
               "Mousse's eigenbasis refresh and MiMuon's gap test (every 10 steps).")
     print("Mousse refreshes its eigenbasis, and MiMuon tests its gap, every 10 steps: 'mean' includes "
           "those steps, 'median (no refresh)' excludes them.")
+    if "authors" in meta:
+        a = meta["authors"]
+        print(f"authors' Mousse: {a['repo']} commit {a['commit']}, loaded from {a['src']} and patched in "
+              f"memory ({', '.join(a['patches'])});\n  its first (warm-up) step includes torch.compile "
+              "of their momentum / update kernels.")
 
     sets = {name: run_set(name, args, device, rows) for name in names}
     target = target_check(device, sets)
