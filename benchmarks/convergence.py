@@ -6,6 +6,7 @@ each at its own best learning rate, over several seeds, on a token stream seen a
     python benchmarks/convergence.py --data 'corpus/*.txt' --optimizers mousse,muon --seeds 3 \\
         --steps 400 --lrs mousse=0.01,muon=0.01 --out runs/conv        # your data, no sweep
     python benchmarks/convergence.py --variant a.25=mousse:alpha=0.25 --lrs a.25=0.01 ...   # a knob
+    python benchmarks/convergence.py --knobs --optimizers mousse,muon --lrs mousse=0.01,muon=0.01 --seeds 2
     python benchmarks/convergence.py --render DIR/convergence.json     # markdown table
 
 Protocol (the same for every optimizer):
@@ -53,11 +54,25 @@ SIZES = {
                 eval_every=100, eval_blocks=256, vocab=None, warmup=150),
     "124m": dict(model=dict(n_embd=768, n_layer=12, n_head=12), seq_len=1024, batch=256, steps=4000,
                  eval_every=200, eval_blocks=256, vocab=None, warmup=200),
+    "test": dict(model=dict(n_embd=32, n_layer=1, n_head=2), seq_len=32, batch=4, steps=6,  # the tests'
+                 eval_every=2, eval_blocks=8, vocab=300, warmup=1),
 }
 SWEEP = {"mousse": (3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2), "mimuon": (3e-3, 1e-2, 3e-2),
          "adamw_torch": (1e-3, 3e-3, 1e-2)}
 DEFAULT_SWEEP = (1e-3, 3e-3, 1e-2)
 ALIASES = {"adamw": "adamw_torch"}
+# --knobs: Mousse's settings that plausibly matter, each one change from the Trainer-route defaults, at
+# Mousse's learning rate (give it with --lrs mousse=LR) unless a rate is listed here. "paper-*" is the
+# paper's convention: spectral_norm scaling, matrix lr 0.02, scalar (AdamW) lr 0.01.
+KNOBS = {
+    "alpha=0.0625": ("mousse:alpha=0.0625", None), "alpha=0.25": ("mousse:alpha=0.25", None),
+    "T=1": ("mousse:refresh_every=1", None), "T=50": ("mousse:refresh_every=50", None),
+    "sides=left": ("mousse:sides=left", None),
+    "beta=0.9": ("mousse:beta=0.9", None), "beta=0.99": ("mousse:beta=0.99", None),
+    "scalar_lr=1e-3": ("mousse:scalar_lr=0.001", None), "scalar_lr=3e-3": ("mousse:scalar_lr=0.003", None),
+    "paper-mousse": ("mousse:adjust_lr=spectral_norm,scalar_lr=0.01", 0.02),
+    "paper-muon": ("muon:adjust_lr=spectral_norm,scalar_lr=0.01", 0.02),
+}
 WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
 
@@ -225,7 +240,10 @@ def run_specs(args) -> dict[str, tuple[str, str | None]]:
     specs = {}
     for name in filter(None, args.optimizers.split(",")):
         specs[name] = (ALIASES.get(name, name), None)
-    for variant in args.variant:
+    variants = list(args.variant)
+    if args.knobs:
+        variants += [f"{label}={spec}" for label, (spec, _) in KNOBS.items()]
+    for variant in variants:
         label, sep, rest = variant.partition("=")
         name, _, optim_args = rest.partition(":")
         if not sep or not name:
@@ -270,6 +288,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     specs = run_specs(args)
     given = parse_map(args.lrs)
+    if args.knobs:
+        given = {**{label: lr for label, (_, lr) in KNOBS.items() if lr is not None}, **given}
     data = prepare_data(args, size)
     print(f"data: {data[3]}; {len(data[0])} train blocks, {len(data[1])} eval blocks of {size['seq_len']} "
           f"tokens; {args.steps} steps x {size['batch'] * size['seq_len']} tokens", flush=True)
@@ -410,6 +430,8 @@ def parse_args():
                     help="comma-separated --optim names (mousse, muon, mimuon, adamw, adamw_torch, ...)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=NAME:key=value,...",
                     help="an extra run with --optim_args, e.g. a.25=mousse:alpha=0.25 (repeatable)")
+    ap.add_argument("--knobs", action="store_true",
+                    help="add the runs of KNOBS (Mousse's settings, one change each); pair with --lrs")
     ap.add_argument("--lrs", default=None, help="LABEL=LR,... skips the sweep for those runs")
     ap.add_argument("--sweep", default=None, help="LABEL=lr1/lr2/lr3,... overrides a sweep grid")
     ap.add_argument("--seeds", type=int, default=3)

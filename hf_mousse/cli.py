@@ -3,6 +3,8 @@
     hf-mousse run SCRIPT.py [ARGS...]       run an unmodified script with --optim mousse|muon|mimuon valid
     hf-mousse run -m MODULE [ARGS...]       the same for a module (like python -m)
     hf-mousse train RECIPE [--resume] [--push_to_hub REPO] [--dotted.key value ...]   run a YAML recipe
+    hf-mousse bench NAME [ARGS...]          run benchmarks/NAME.py of a source checkout (convergence,
+                                            step_time, overhead, ...)
     python -m hf_mousse SCRIPT.py [ARGS...] shorthand for ``run``; also under accelerate launch / torchrun
 """
 
@@ -12,6 +14,7 @@ import argparse
 import os
 import runpy
 import sys
+from pathlib import Path
 
 from .integration.registry import register
 
@@ -33,6 +36,22 @@ def run(target: str, args: list[str], *, module: bool = False) -> None:
     runpy.run_path(target, run_name="__main__")
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench(name: str, args: list[str]) -> None:
+    """Run ``benchmarks/NAME.py`` (they ship with the source checkout, not with the wheel)."""
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        found = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "environment")
+        raise SystemExit(
+            f"hf-mousse bench: no benchmark {name!r} in {BENCHMARKS}"
+            + (f"; available: {', '.join(found)}" if found else
+               " (benchmarks ship with the source checkout: clone the repository and pip install -e .)")
+        )
+    run(str(script), args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-mousse", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("recipe")
     p_train.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
     p_train.add_argument("--push_to_hub", metavar="REPO_ID", help="upload model, card and last checkpoint")
+    p_bench = sub.add_parser("bench", help="run a benchmark script of the source checkout, e.g. convergence")
+    p_bench.add_argument("name")
+    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 
 
@@ -55,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ns, extra = _parser().parse_known_args(argv)
     if ns.command == "run":
         run(ns.target, [*ns.args, *extra], module=ns.module)
+    elif ns.command == "bench":
+        bench(ns.name, [*ns.args, *extra])
     elif ns.command == "train":
         train(ns.recipe, extra, resume=ns.resume, push_to_hub=ns.push_to_hub)
 

@@ -115,3 +115,14 @@ def test_run_gives_the_script_python_semantics(tmp_path, monkeypatch):
     assert seen["name"] == "__main__" and seen["argv"][1:] == ["--module", str(out)]
     with pytest.raises(SystemExit, match="no such script"):
         cli.main(["run", str(tmp_path / "missing.py")])
+
+
+def test_bench_runs_a_benchmark_script_and_names_the_available_ones(capsys):
+    from hf_mousse import cli
+
+    with pytest.raises(SystemExit, match="no benchmark 'nope'.*available: .*convergence"):
+        cli.main(["bench", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "convergence", "--help"])
+    assert exit_info.value.code == 0
+    assert "--optimizers" in capsys.readouterr().out
