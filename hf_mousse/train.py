@@ -38,6 +38,7 @@ from .metrics import perplexity_from_loss
 RECIPE_KEYS = {"base", "name", "description", "hardware", "output_dir", "seed", "model", "tokenizer", "data",
                "optimizer", "compare", "lora", "training", "hub"}
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SUMMARY = "summary.json"  # in the recipe's output directory: every run's result
 LOSS_CURVE = "loss_curve.png"  # in each run directory; with compare, loss_curves.png overlays all runs
 
 
@@ -269,7 +270,8 @@ def train_one(recipe: dict, optimizer: dict, output_dir: str, datasets_, tokeniz
     plot_losses({name: curve}, os.path.join(output_dir, LOSS_CURVE), f"{recipe['name']}: {name}")
     report = training_report(recipe, name, trainer, metrics, seconds, curve)
     write_model_card(report, output_dir)
-    return {"optimizer": name, "output_dir": output_dir, "eval_loss": metrics["eval_loss"],
+    return {"optimizer": name, "learning_rate": trainer.args.learning_rate,
+            "optim_args": optimizer.get("args"), "output_dir": output_dir, "eval_loss": metrics["eval_loss"],
             "eval_perplexity": perplexity_from_loss(metrics["eval_loss"]), "train_seconds": seconds,
             "steps": report.train_steps, "tokens": report.tokens_seen, "curve": curve}
 
@@ -321,9 +323,29 @@ def run_recipe(recipe: dict, *, resume: bool = False, push_to_hub: str | None = 
     if len(runs) > 1:
         plot_losses({r["optimizer"]: r["curve"] for r in results}, os.path.join(out, "loss_curves.png"),
                     recipe["name"])
+    write_summary(recipe, results, os.path.join(out, SUMMARY))
     if push_to_hub:
         push_results(results, push_to_hub)
     return results
+
+
+def write_summary(recipe: dict, results: list[dict], path: str) -> None:
+    """``summary.json``: every run's result with the settings and machine it came from (the README's demo
+    table is rendered from it by benchmarks/render_readme.py)."""
+    import torch
+    import transformers
+
+    from .version import __version__
+
+    runs = [{k: v for k, v in r.items() if k not in ("curve", "output_dir")}
+            | {"eval_curve": list(zip(r["curve"][2], r["curve"][3]))} for r in results]
+    summary = {"recipe": recipe["name"], "hardware": hardware(),
+               "versions": {"hf_mousse": __version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__},
+               "model": recipe["model"], "data": recipe["data"], "training": recipe["training"], "runs": runs}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1, default=str)
 
 
 def push_results(results: list[dict], repo_id: str) -> None:
