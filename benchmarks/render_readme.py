@@ -28,7 +28,7 @@ ROOT = HERE.parent
 BLOCK = re.compile(r"(<!-- render: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
 # file-name prefix -> benchmark script; the longest matching prefix wins
 RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead": "refresh_overhead",
-             "convergence": "convergence", "demo": "demo_results"}
+             "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results"}
 
 
 def renderer(path: Path):

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""The numbers behind the choice of Mousse's refresh method, on this device.
+
+Mousse needs L^-alpha and R^-alpha of each (damped, trace-normalised) Kronecker factor every T steps.
+Two things decide whether something cheaper than ``torch.linalg.eigh`` can replace it faithfully:
+
+1. **Kernel cost** of the candidates' building blocks at the factor sizes of GPT-2 (768, 3072): eigh,
+   eigvalsh, QR, Cholesky and one matmul, in fp32. A matmul-only method (a coupled Newton iteration
+   for the inverse p-th root) costs about ``iters x (log2 p + 2)`` matmuls, where reaching fp32
+   accuracy takes ``iters ~ log(kappa / 2) / log((1 + 1/p)^p) + 5`` and kappa <= d / (2 eps) for a
+   trace-normalised factor: the script prints that estimate next to eigh.
+2. **Basis drift** in real training: at each refresh, how far the previous eigenbasis is from the
+   new factor's. It is the starting error of any warm-started method (one subspace-iteration + QR step
+   from the old basis, as SOAP does) and what a "skip the refresh while the basis is still accurate"
+   rule would see. Measured as the relative Frobenius error of f^-alpha built from the old basis
+   (with the old eigenvalues, or with the Rayleigh quotients diag(Q^T f Q)) against float64 eigh,
+   while a GPT-2 (d=128, 4 layers) trains with Mousse on the standard library's source.
+
+    python benchmarks/refresh_methods.py [--device cuda] [--out benchmarks/results/refresh_methods-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from environment import device_name, git_commit, loadavg, sync  # noqa: E402
+
+
+def kernel_times(device, sizes=(768, 3072), repeats=3) -> dict:
+    out = {}
+    for d in sizes:
+        g = torch.randn(d, 2 * d, device=device)
+        f = g @ g.T / (2 * d) + 1e-3 * torch.eye(d, device=device)
+        kernels = {"eigh": lambda: torch.linalg.eigh(f), "eigvalsh": lambda: torch.linalg.eigvalsh(f),
+                   "qr": lambda: torch.linalg.qr(f), "cholesky": lambda: torch.linalg.cholesky(f),
+                   "matmul": lambda: f @ f}
+        row = {}
+        for name, fn in kernels.items():
+            fn()
+            sync(device)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            row[name + "_ms"] = min(times) * 1e3
+        out[str(d)] = row
+    return out
+
+
+def newton_matmuls(d: int, eps: float = 1e-5, alpha: float = 0.125) -> dict:
+    p = round(1 / alpha)
+    kappa = d / (2 * eps)
+    iters = math.ceil(math.log(kappa / 2) / math.log((1 + 1 / p) ** p)) + 5
+    return dict(p=p, kappa_bound=kappa, iterations=iters, matmuls=iters * (math.ceil(math.log2(p)) + 2))
+
+
+def basis_drift(steps: int, seed: int = 0) -> list[dict]:
+    """Per refresh step t > 1: max over factors of the relative error of f^-alpha from the old basis."""
+    import importlib.util
+
+    from hf_mousse.optim import mousse as mousse_module
+
+    spec = importlib.util.spec_from_file_location("convergence", Path(__file__).parent / "convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    size = dict(conv.SIZES["cpu"])
+    args = argparse.Namespace(steps=steps, data="stdlib", tokenizer=None)
+    train_blocks, _, tokenizer, _ = conv.prepare_data(args, size)
+    model = conv.build_model(size, len(tokenizer), seed, torch.device("cpu"))
+    opt, sched = conv.trainer_optimizer(model, "mousse", None, 0.01, steps, size["warmup"], use_cpu=True)
+    real = mousse_module.refresh_eigenbasis
+    seen = []
+
+    def measuring(factor, eigvals, eigvecs, *, bias_correction, eps, stats):
+        d = factor.size(-1)
+        trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction
+        f = (factor / bias_correction * (d / trace)[:, None, None]).double()
+        f.diagonal(dim1=-2, dim2=-1).add_(eps)
+        vals, vecs = torch.linalg.eigh(f)
+        alpha = 0.125
+        exact = vecs @ torch.diag_embed((vals + eps).pow(-alpha)) @ vecs.mT
+        q = eigvecs.double()
+        rayleigh = (q.mT @ f @ q).diagonal(dim1=-2, dim2=-1) + eps
+        with_rayleigh = q @ torch.diag_embed(rayleigh.clamp_min(eps).pow(-alpha)) @ q.mT
+        with_old = q @ torch.diag_embed(eigvals.double().pow(-alpha)) @ q.mT
+        norm = exact.norm(dim=(-2, -1))
+        seen.append((d, ((with_old - exact).norm(dim=(-2, -1)) / norm).max().item(),
+                     ((with_rayleigh - exact).norm(dim=(-2, -1)) / norm).max().item()))
+        return real(factor, eigvals, eigvecs, bias_correction=bias_correction, eps=eps, stats=stats)
+
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    mousse_module.refresh_eigenbasis = measuring
+    try:
+        for step in range(1, steps + 1):
+            x = train_blocks[order[(step - 1) * size["batch"] : step * size["batch"]]]
+            model(input_ids=x, labels=x).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if seen and step > 1:
+                rows.append(dict(step=step, old_basis_old_eigenvalues=max(s[1] for s in seen),
+                                 old_basis_rayleigh_eigenvalues=max(s[2] for s in seen),
+                                 median_old_basis_old_eigenvalues=statistics.median(s[1] for s in seen)))
+            seen.clear()
+    finally:
+        mousse_module.refresh_eigenbasis = real
+    return rows
+
+
+def render_markdown(data: dict) -> str:
+    lines = [f"{data['device']}, torch {data['torch']}, commit {data['commit']}.", "",
+             "| factor size | eigh | eigvalsh | QR | Cholesky | matmul | Newton (p=8) matmuls, estimated |",
+             "|---|---|---|---|---|---|---|"]
+    for d, r in data["kernels"].items():
+        n = data["newton"][d]
+        lines.append(f"| {d} | {r['eigh_ms']:.1f} ms | {r['eigvalsh_ms']:.1f} ms | {r['qr_ms']:.1f} ms | "
+                     f"{r['cholesky_ms']:.1f} ms | {r['matmul_ms']:.2f} ms | {n['matmuls']} x "
+                     f"{r['matmul_ms']:.2f} = {n['matmuls'] * r['matmul_ms']:.0f} ms |")
+    drift = data.get("drift") or []
+    if drift:
+        lines += ["", "Old eigenbasis vs the new factor at each refresh (relative error of f^-alpha, max "
+                  "over factors; median with old eigenvalues in brackets):", "",
+                  "| step | old basis, old eigenvalues | old basis, Rayleigh eigenvalues |", "|---|---|---|"]
+        for r in drift:
+            lines.append(f"| {r['step']} | {r['old_basis_old_eigenvalues']:.3f} "
+                         f"({r['median_old_basis_old_eigenvalues']:.3f}) | "
+                         f"{r['old_basis_rayleigh_eigenvalues']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--drift-steps", type=int, default=101,
+                    help="training steps for the drift part (0: skip)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--render", metavar="JSON", default=None)
+    args = ap.parse_args()
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())), end="")
+        return
+    device = torch.device(args.device)
+    sizes = (768, 3072)
+    data = dict(device=device_name(device), torch=torch.__version__, commit=git_commit(),
+                load_average=loadavg(), kernels=kernel_times(device, sizes),
+                newton={str(d): newton_matmuls(d) for d in sizes},
+                drift=basis_drift(args.drift_steps) if args.drift_steps else [])
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"refresh_methods-{device.type}.json")
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(render_markdown(data), end="")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
