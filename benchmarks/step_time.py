@@ -44,6 +44,14 @@ PARAM_SETS = {
         shapes={"attn.c_attn (fused qkv)": (2304, 768), "attn.c_proj": (768, 768),
                 "mlp.c_fc": (3072, 768), "mlp.c_proj": (768, 3072)},
     ),
+    # GPT-2 with the fused qkv projection split into three matrices, as hf_mousse.param_groups does
+    # (split_fused=True) and as the authors' runs use separate q, k, v projections.
+    "gpt2-split": dict(
+        title="GPT-2-124M hidden matrices, q/k/v separate",
+        layers=12,
+        shapes={"attn.q": (768, 768), "attn.k": (768, 768), "attn.v": (768, 768), "attn.c_proj": (768, 768),
+                "mlp.c_fc": (3072, 768), "mlp.c_proj": (768, 3072)},
+    ),
     "qwen3": dict(
         title="Qwen3-0.6B hidden matrices",
         layers=28,
@@ -319,7 +327,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--set", choices=["gpt2", "qwen3", "both"], default=None,
+    ap.add_argument("--set", choices=["gpt2", "gpt2-split", "qwen3", "both"], default=None,
                     help="parameter set (default: both on CUDA, gpt2 on CPU)")
     ap.add_argument("--layers", type=int, default=None,
                     help="layer count override (default: the model's on CUDA, 2 on CPU)")
