@@ -59,6 +59,9 @@ def test_zero_gradients_give_no_nan(cls):
 @pytest.mark.parametrize("cls", ALL, ids=ids)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_raises_by_default_and_leaves_params(cls, bad):
+    """The default nonfinite="raise" keeps step() free of device reads: the step changes nothing
+    and the error comes at the next check (check_finite, stats, diagnostics, state_dict; see
+    tests/test_no_sync.py)."""
     params = make_params()
     opt = cls([{"params": params, "param_names": [f"w{i}" for i in range(len(params))]}], lr=0.02)
     set_grads(params, 1)
@@ -66,9 +69,10 @@ def test_nonfinite_gradient_raises_by_default_and_leaves_params(cls, bad):
     snapshot = [p.detach().clone() for p in params]
     set_grads(params, 2)
     params[2].grad[0, 0] = bad
-    with pytest.raises(NonFiniteGradientError, match="w2"):
-        opt.step()
+    opt.step()
     assert all(torch.equal(p, s) for p, s in zip(params, snapshot))
+    with pytest.raises(NonFiniteGradientError, match="w2"):
+        opt.check_finite()
 
 
 @pytest.mark.parametrize("cls", ALL, ids=ids)
@@ -80,8 +84,9 @@ def test_nonfinite_skip_mode_counts_and_skips(cls):
     before = [p.detach().clone() for p in params]
     opt.step()
     assert opt.stats()["nonfinite_skips"] == 1
+    assert opt.diagnostics()["optim/nonfinite_skips"] == 1
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert len(opt.state) == 0
+    assert len(opt.state) == 0  # skipped before any state was made: step counters did not advance
     set_grads(params, 2)
     opt.step()
     assert opt.stats()["nonfinite_skips"] == 1

@@ -5,6 +5,9 @@
   written atomically; resuming from a checkpoint without our state is an error, never a silent
   fresh start (transformers skips silently when ``optimizer.pt`` is missing).
 * ``log``: ``eval_perplexity = exp(eval_loss)`` and, when enabled, optimizer diagnostics.
+* ``log`` and ``_save_checkpoint`` first call the optimizer's ``check_finite()``: ``step()`` never reads
+  the device, so a step with a non-finite gradient (which changed nothing) is reported here, at the
+  next log or before the next checkpoint is started, whichever comes first.
 
 Only single-process and DDP checkpoints take the safetensors path; other engines keep
 transformers' own code (FSDP2 writes ``optimizer.bin`` through accelerate). How the optimizer is
@@ -87,7 +90,15 @@ def _load(self, checkpoint: str | None, original) -> None:
     self.lr_scheduler.load_state_dict(torch.load(sched_path, map_location="cpu", weights_only=True))
 
 
+def _check_finite(self) -> None:
+    """Raise the optimizer's pending NonFiniteGradientError (a no-op without a step since the last check)."""
+    opt = ours(self)
+    if opt is not None:
+        opt.check_finite()
+
+
 def _add_metrics(self, logs: dict) -> None:
+    _check_finite(self)  # the Trainer has just read the loss from the device: the flags ride along
     opt = ours(self)
     if opt is None and optim_name(self.args) not in NAMES:
         return
@@ -98,10 +109,11 @@ def _add_metrics(self, logs: dict) -> None:
 
 
 def patch(trainer_cls) -> None:
-    """Wrap ``trainer_cls``'s optimizer save/load and ``log`` (subclasses inherit them). Called once per
-    class, by :mod:`.registry`."""
+    """Wrap ``trainer_cls``'s optimizer save/load, ``log`` and ``_save_checkpoint`` (subclasses inherit
+    them). Called once per class, by :mod:`.registry`."""
     save, load, log = (trainer_cls._save_optimizer_and_scheduler, trainer_cls._load_optimizer_and_scheduler,
                        trainer_cls.log)
+    save_checkpoint = getattr(trainer_cls, "_save_checkpoint", None)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         return _save(self, output_dir, save)
@@ -116,3 +128,10 @@ def patch(trainer_cls) -> None:
     trainer_cls._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
     trainer_cls._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
     trainer_cls.log = log_with_metrics
+
+    if save_checkpoint is not None:
+        def _save_checkpoint(self, *args, **kwargs):
+            _check_finite(self)  # before the model weights are written: no checkpoint is left half-done
+            return save_checkpoint(self, *args, **kwargs)
+
+        trainer_cls._save_checkpoint = _save_checkpoint

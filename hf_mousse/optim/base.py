@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InvalidHyperparameterError, NonFiniteGradientError, UnsupportedParameterError
 from . import scalar as scalar_path
+from .gate import NO_GATE, StepGate
 from .kronecker import EighStats
 from .orthogonalize import newton_schulz, norm_safety_for, resolve_schedule
 from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_groups, to_blocks
@@ -118,6 +119,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.eigh_stats = EighStats()
         self.nonfinite_skips = 0
+        # nonfinite="raise": per parameter, a device counter of its non-finite steps not yet reported,
+        # and per device a counter of such steps; read by check_finite(), never by step().
+        self._nonfinite_params: dict[torch.Tensor, torch.Tensor] = {}
+        self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
+        self._nonfinite_unchecked = False  # a gated step ran since the last check_finite()
+        self._gate = NO_GATE  # the running step's finite flag (see gate.py)
         self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
         self._update_sq: dict[str, torch.Tensor] = {}  # role -> sum of squared applied updates
         self._update_numel: dict[str, int] = defaultdict(int)
@@ -244,6 +251,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def state_dict(self):
+        """torch's state dict plus :meth:`stats`. Raises :class:`NonFiniteGradientError` first if a step
+        since the last check had a non-finite gradient (see :meth:`check_finite`), so a checkpoint is
+        never written over an unreported one."""
+        self.check_finite()
         sd = super().state_dict()
         sd["hf_mousse_stats"] = self.stats()
         return sd
@@ -278,13 +289,51 @@ class SpectralOptimizer(torch.optim.Optimizer):
             self.nonfinite_skips = stats["nonfinite_skips"]
 
     def stats(self) -> dict[str, int]:
-        """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps."""
+        """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps. Calls
+        :meth:`check_finite` first (one device read if a step ran since the last check)."""
+        self.check_finite()
         return {
             "eigh_refreshes": self.eigh_stats.refreshed,
             "eigh_fp64_retries": self.eigh_stats.fp64_retries,
             "eigh_failures": self.eigh_stats.failures,
             "nonfinite_skips": self.nonfinite_skips,
         }
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteGradientError` if a step since the last check had a non-finite
+        gradient, naming the parameters; those steps were counted in ``stats()["nonfinite_skips"]``
+        and changed no parameter and no optimizer tensor.
+
+        With ``nonfinite="raise"`` (the default) ``step()`` never reads the device: it keeps the
+        flags there, and this method reads them (one device-to-host copy, only if a step ran since
+        the last check). :meth:`stats`, :meth:`diagnostics` and :meth:`state_dict` call it, and so
+        does the Trainer integration at every log and before every checkpoint; a plain PyTorch loop
+        calls it wherever it already synchronises (logging the loss, say)."""
+        if not self._nonfinite_unchecked:
+            return
+        self._nonfinite_unchecked = False
+        params = list(self._nonfinite_params)
+        counters = [self._nonfinite_params[p] for p in params] + list(self._nonfinite_steps.values())
+        dev = counters[0].device
+        values = torch.stack([c if c.device == dev else c.to(dev) for c in counters]).tolist()  # the read
+        bad = {id(p) for p, v in zip(params, values) if v}
+        if not bad:
+            return
+        steps = int(sum(values[len(params):]))
+        torch._foreach_zero_(counters)
+        self.nonfinite_skips += steps
+        listed = ", ".join(
+            name or f"<parameter of shape {tuple(p.shape)}>"
+            for g in self.param_groups
+            for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))
+            if id(p) in bad
+        )
+        raise NonFiniteGradientError(
+            f"non-finite gradient (inf or NaN) in {listed} ({steps} step(s) since the last check); "
+            "those steps updated no parameter and no optimizer state (they are counted in "
+            "stats()['nonfinite_skips']). Lower the learning rate, enable gradient clipping or loss "
+            "scaling, or pass nonfinite='skip' to skip such steps without raising"
+        )
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -303,44 +352,64 @@ class SpectralOptimizer(torch.optim.Optimizer):
                     )
             if params:
                 work.append((group, params))
-        if self.nonfinite != "ignore" and not self._grads_finite(work):
-            if self.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (inf or NaN) in {self._nonfinite_names(work)}; no parameter "
-                    "was updated. Lower the learning rate, enable gradient clipping or loss scaling, "
-                    "or pass nonfinite='skip' to skip such steps (they are counted in stats())"
-                )
-            self.nonfinite_skips += 1
+        if self.nonfinite == "skip" and not self._grads_finite(work):
+            self.nonfinite_skips += 1  # a host read every step: the price of exact skip counts
             return loss
-        for group, params in work:
-            if group["role"] == "scalar":
-                self._scalar_step(group, params)
-            else:
-                self._matrix_step(group, params)
+        if self.nonfinite == "raise" and work:
+            self._gate = StepGate(self._finite_flag(work))
+            self._gate.zero_grads_([p.grad for _, params in work for p in params])
+        try:
+            for group, params in work:
+                if group["role"] == "scalar":
+                    self._scalar_step(group, params)
+                else:
+                    self._matrix_step(group, params)
+        finally:
+            self._gate = NO_GATE
         return loss
 
     @staticmethod
-    def _grads_finite(work) -> bool:
-        # One fused norm per dtype and a single host read: the only sync in step(), and only
-        # when the check is on (nonfinite != "ignore").
-        by_dtype = defaultdict(list)
+    def _finite_by_group(work):
+        """Per (device, dtype) of the gradients: (parameters, 1-D bool tensor "gradient is finite").
+        The largest magnitude (infinity norm, NaN-propagating) cannot overflow the way a sum of
+        squares would: an fp16 gradient of norm 1e5 is finite. Empty gradients are finite."""
+        groups = defaultdict(list)
         for _, params in work:
             for p in params:
-                by_dtype[p.grad.dtype].append(p.grad)
-        if not by_dtype:
-            return True
-        sums = [torch.stack(torch._foreach_norm(gs)).float().sum() for gs in by_dtype.values()]
-        return bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
+                if p.grad.numel():
+                    groups[(p.grad.device, p.grad.dtype)].append(p)
+        for ps in groups.values():
+            yield ps, torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in ps], math.inf)))
 
-    @staticmethod
-    def _nonfinite_names(work) -> str:
-        bad = []
-        for group, params in work:
-            names = dict(zip(map(id, group["params"]), group.get("param_names") or []))
-            for p in params:
-                if not torch.isfinite(p.grad).all():
-                    bad.append(names.get(id(p), f"<parameter of shape {tuple(p.shape)}>"))
-        return ", ".join(bad)
+    def _grads_finite(self, work) -> bool:
+        """Whether every gradient is finite: one host read (nonfinite="skip")."""
+        flags = [finite.all() for _, finite in self._finite_by_group(work)]
+        return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+    def _finite_flag(self, work) -> torch.Tensor:
+        """The step's 0-d device flag "every gradient is finite", without a host read; counts, on the
+        device, each parameter's non-finite steps and the steps themselves for :meth:`check_finite`."""
+        oks = []
+        for ps, finite in self._finite_by_group(work):
+            counters = []
+            for p in ps:
+                c = self._nonfinite_params.get(p)
+                if c is None:
+                    c = self._nonfinite_params[p] = torch.zeros((), device=finite.device)
+                counters.append(c)
+            torch._foreach_add_(counters, finite.logical_not().float().unbind(0))
+            oks.append(finite.all())
+        if not oks:  # only empty gradients
+            oks.append(torch.ones((), dtype=torch.bool, device=work[0][1][0].grad.device))
+        dev = oks[0].device
+        ok = oks[0] if len(oks) == 1 else torch.stack([o if o.device == dev else o.to(dev)
+                                                       for o in oks]).all()
+        steps = self._nonfinite_steps.get(dev)
+        if steps is None:
+            steps = self._nonfinite_steps[dev] = torch.zeros((), device=dev)
+        steps.add_(ok.logical_not())
+        self._nonfinite_unchecked = True
+        return ok
 
     def _scalar_step(self, group: dict, params: list[torch.Tensor]) -> None:
         kind = group["scalar_optimizer"]
@@ -356,10 +425,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
         shrink = decay_shrink(group)
         if kind == "adamw":
             updates = scalar_path.adamw(params, grads, states, lr=group["lr"], betas=group["betas"],
-                                        eps=group["scalar_eps"], shrink=shrink)
+                                        eps=group["scalar_eps"], shrink=shrink, gate=self._gate)
         else:
             updates = scalar_path.lion(params, grads, states, lr=group["lr"], betas=group["betas"],
-                                       shrink=shrink)
+                                       shrink=shrink, gate=self._gate)
         if self.diagnostics_enabled:
             self._record_update("scalar", updates, group["lr"] if kind == "lion" else 1.0)
 
@@ -409,10 +478,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """Advance the momentum buffers in place; return what is orthogonalised (buffer or Nesterov mix)."""
         mu = group["momentum"]
         if self.momentum_form == "ema":
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            self._gate.lerp_(bufs, grads, 1 - mu)
             return torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
+        self._gate.mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)  # zero on a non-finite step (StepGate.zero_grads_)
         return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
 
     def _buckets(self, group, params, grads, states, directions):
@@ -452,8 +521,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
         """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout."""
         ps = bucket.params
-        if shrink != 1.0:
-            torch._foreach_mul_(ps, shrink)
+        self._gate.decay_(ps, shrink)
+        self._gate.mask_(update)  # zero on a non-finite step (the update is ours: a fresh stack)
         layout = bucket.group["layout"]
         updates = [from_blocks(update[o : o + k], layout, p.shape)
                    for p, o, k in zip(ps, bucket.offsets, bucket.counts)]
@@ -475,7 +544,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def diagnostics(self) -> dict[str, float]:
         """RMS of the applied updates per role since the last call, counters and algorithm
         statistics, keyed for loggers (``optim/...``). Reads the device once; collects nothing
-        unless ``diagnostics_enabled`` is set."""
+        unless ``diagnostics_enabled`` is set. Raises first what :meth:`check_finite` raises."""
+        self.check_finite()
         out = {f"optim/update_rms/{role}": (sq / self._update_numel[role]).sqrt()
                for role, sq in self._update_sq.items()}
         out.update(self._algorithm_diagnostics())

@@ -93,6 +93,7 @@ class MiMuon(SpectralOptimizer):
         # Host copy of each parameter's branches: id(state tensor) -> (that tensor, its values). A
         # tensor loaded from a checkpoint is a new object, so its copy is read afresh.
         self._branch_on_host: dict[int, tuple[torch.Tensor, list[bool]]] = {}
+        self._rows_on_device: dict[frozenset, tuple[list[int], torch.Tensor]] = {}  # see _rows_index
         super().__init__(params, defaults, **shared)
 
     def _validate_algorithm(self, g: dict) -> None:
@@ -114,7 +115,7 @@ class MiMuon(SpectralOptimizer):
         self._test_gaps(bucket)
         on_muon = [b for st in bucket.states for b in self._host_branch(st)]
         for st in bucket.states:
-            st[keys.MUON_BRANCH_STEPS].add_(st[keys.MUON_BRANCH])
+            st[keys.MUON_BRANCH_STEPS].add_(self._gate.select(st[keys.MUON_BRANCH], False))
         _, m, n = d.shape
         ratio = lr_ratio(group["adjust_lr"], m, n)
         if all(on_muon):
@@ -122,7 +123,7 @@ class MiMuon(SpectralOptimizer):
         update = self._sgd_update(group, d)
         rows = [i for i, b in enumerate(on_muon) if b]
         if rows:  # Newton–Schulz only for the blocks on the Muon branch
-            idx = torch.tensor(rows, device=d.device)
+            idx = self._rows_index(bucket, rows)
             update[idx] = self.orthogonalize(group, d[idx]).float() * ratio
         return update, 1.0
 
@@ -136,8 +137,17 @@ class MiMuon(SpectralOptimizer):
         passed = (kappa >= group["gap_threshold"]).split([bucket.counts[i] for i in due])
         for i, ok in zip(due, passed):
             branch = bucket.states[i][keys.MUON_BRANCH]
-            branch.copy_(ok)
-            self._branch_on_host[id(branch)] = (branch, ok.tolist())  # the one sync, at test steps only
+            branch.copy_(self._gate.select(ok, branch))  # unchanged on a non-finite step
+            self._branch_on_host[id(branch)] = (branch, branch.tolist())  # the one sync, at test steps only
+
+    def _rows_index(self, bucket: Bucket, rows: list[int]) -> torch.Tensor:
+        """``rows`` as an index tensor on the bucket's device, made once per change of the branches
+        (a host-to-device copy synchronises on CUDA, so it must not happen at every step)."""
+        key = frozenset(map(id, bucket.params))
+        cached = self._rows_on_device.get(key)
+        if cached is None or cached[0] != rows:
+            cached = self._rows_on_device[key] = (rows, torch.tensor(rows, device=bucket.device))
+        return cached[1]
 
     def _host_branch(self, state: dict) -> list[bool]:
         branch = state[keys.MUON_BRANCH]

@@ -100,18 +100,20 @@ class Mousse(SpectralOptimizer):
         group = bucket.group
         factors = [s[keys.kron(side)] for s in bucket.states]
         gg = gram(g, side)
-        torch._foreach_lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
-                             1 - group["beta"])
+        self._gate.lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
+                         1 - group["beta"])
         for factor, st in zip(factors, bucket.states):
             # Step counters are per parameter (one that skipped a gradient lags behind), and so is
             # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
             t = st[keys.STEP]
             if self._refresh_due(st, group):
-                refresh_eigenbasis(
-                    factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)],
-                    bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
-                    eps=group["eps"], stats=self.eigh_stats,
-                )
+                vals, vecs = st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)]
+                with self._gate.guard(vals, vecs):  # kept as they were on a non-finite step
+                    refresh_eigenbasis(
+                        factor, vals, vecs,
+                        bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
+                        eps=group["eps"], stats=self.eigh_stats,
+                    )
         return (self._stacked_state(bucket, keys.kron_eigvals(side)),
                 self._stacked_state(bucket, keys.kron_eigvecs(side)))
 

@@ -1,0 +1,280 @@
+"""Issue 9: ``step()`` does not synchronise the host with the device (DESIGN.md promise 4).
+
+With ``nonfinite="raise"`` (the default) the finite check is a device flag that gates every write of
+the step; the error is raised at the next natural synchronisation (``check_finite``, ``stats``,
+``diagnostics``, ``state_dict``; in the Trainer: the next log or checkpoint). On CPU nothing really
+synchronises, so the guard is that every tensor-to-host method raises during ``step()``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from helpers import byte_blocks, tiny_gpt2
+from test_robustness import make_params, set_grads
+from transformers import Trainer, TrainingArguments
+
+import hf_mousse
+from hf_mousse import MiMuon, Mousse, Muon
+from hf_mousse.errors import NonFiniteGradientError
+
+hf_mousse.register()
+
+ALL = [Muon, Mousse, MiMuon]
+ids = [c.__name__ for c in ALL]
+# Device-to-host reads (and host-to-device copies, which synchronise on CUDA too).
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__array__")
+
+
+@contextmanager
+def no_host_reads():
+    """Every tensor-to-host method, a ``.to`` naming "cpu" or another device than the tensor's, and
+    tensors built from host data (``torch.tensor`` / ``torch.as_tensor``: a blocking host-to-device
+    copy on CUDA) raise inside."""
+    mp = pytest.MonkeyPatch()
+
+    def refuse(what):
+        def f(*args, **kwargs):
+            raise AssertionError(f"{what} during step(): a host-device synchronisation")
+        return f
+
+    for name in HOST_READS:
+        mp.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        targets = [a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))]
+        for target in targets:  # "cpu" named outright, or a move to another device
+            if (isinstance(target, str) and target.startswith("cpu")) or torch.device(target) != self.device:
+                raise AssertionError(f"Tensor.to({target!r}) during step(): a host-device copy")
+        return real_to(self, *args, **kwargs)
+
+    mp.setattr(torch.Tensor, "to", to)
+    mp.setattr(torch, "tensor", refuse("torch.tensor"))
+    mp.setattr(torch, "as_tensor", refuse("torch.as_tensor"))
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+def named(params):
+    return [{"params": params, "param_names": [f"w{i}" for i in range(len(params))]}]
+
+
+def snapshot(opt, params):
+    """Copies of the weights and of every optimizer tensor."""
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state.get(p, {}).items()
+             if isinstance(v, torch.Tensor)}
+    return [p.detach().clone() for p in params], state
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def assert_unchanged(opt, params, snap):
+    weights, state = snap
+    for i, (p, w) in enumerate(zip(params, weights)):
+        assert same_bits(p.detach(), w), f"weight {i} changed"
+    now = snapshot(opt, params)[1]
+    assert now.keys() == state.keys()
+    for key, v in state.items():
+        assert same_bits(now[key], v), f"state {key} changed"
+
+
+# ---------------------------------------------------------------------------- no host reads
+CONFIGS = [
+    (Muon, {}),
+    (Muon, {"scalar_optimizer": "lion", "nesterov": False}),
+    (Mousse, {}),
+    (Mousse, {"nesterov": True, "sides": "left"}),
+    (MiMuon, {}),
+]
+CONFIG_IDS = [f"{c.__name__}-{'-'.join(map(str, k.values())) or 'default'}" for c, k in CONFIGS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=CONFIG_IDS)
+def test_step_reads_nothing_from_the_device(cls, kw, dtype):
+    """Default nonfinite="raise", diagnostics off, matrices (a same-shape bucket, a 3-D stack), a
+    scalar-path vector, weight decay on both paths. Step 1 refreshes (Mousse) / tests the gaps
+    (MiMuon) and may read the device; steps 2-5 are ordinary steps and must not."""
+    params = make_params(dtype)
+    opt = cls(params, lr=0.02, scalar_weight_decay=0.1, **kw)
+    assert opt.nonfinite == "raise" and not opt.diagnostics_enabled
+    set_grads(params, 1)
+    if cls is MiMuon:  # two equal singular values (gap 0): the SGD branch
+        params[0].grad = torch.zeros_like(params[0])
+        params[0].grad[0, 0] = params[0].grad[1, 1] = 1
+    opt.step()
+    if cls is MiMuon:  # the (8, 12) bucket is mixed: Newton–Schulz on a subset of its blocks
+        branches = [b for i in (0, 2, 4) for b in opt._host_branch(opt.state[params[i]])]
+        assert not all(branches) and any(branches)
+    before = [p.detach().clone() for p in params]
+    with no_host_reads():
+        for s in range(2, 6):
+            set_grads(params, s)
+            opt.step()
+    for p, b in zip(params, before):
+        assert torch.isfinite(p.float()).all() and not torch.equal(p, b)
+    assert opt.stats()["nonfinite_skips"] == 0
+
+
+def test_the_guard_catches_a_host_read():
+    """The guard itself: nonfinite="skip" reads the flag at every step (by design), so it trips."""
+    params = make_params()
+    opt = Muon(params, lr=0.02, nonfinite="skip")
+    set_grads(params, 1)
+    with no_host_reads(), pytest.raises(AssertionError, match="during step"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------------- non-finite gradients
+VARIANTS = [  # (bad value, parameter dtype, scalar optimizer)
+    (float("nan"), torch.float32, "adamw"),
+    (float("inf"), torch.float32, "adamw"),
+    (-float("inf"), torch.float32, "adamw"),
+    (float("nan"), torch.bfloat16, "lion"),  # bf16 weights take the exact decay-then-select path
+]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+@pytest.mark.parametrize("bad, dtype, scalar_optimizer", VARIANTS,
+                         ids=["nan", "inf", "-inf", "nan-bf16-lion"])
+def test_nonfinite_step_changes_nothing_and_raises_at_the_next_check(cls, bad, dtype, scalar_optimizer):
+    params = make_params(dtype)
+    opt = cls(named(params), lr=0.02, weight_decay=0.1, scalar_weight_decay=0.1,
+              scalar_optimizer=scalar_optimizer)
+    set_grads(params, 1)
+    opt.step()
+    snap = snapshot(opt, params)
+    set_grads(params, 2)
+    params[2].grad[0, 0] = bad
+    with no_host_reads():
+        opt.step()  # does not raise, does not read the device
+    assert_unchanged(opt, params, snap)
+    message = r"in w2 \(1 step\(s\) since the last check\).*updated no parameter"
+    with pytest.raises(NonFiniteGradientError, match=message) as info:
+        opt.stats()
+    assert "w0" not in str(info.value) and "w3" not in str(info.value)
+    assert opt.stats()["nonfinite_skips"] == 1  # reported once, and counted
+
+    set_grads(params, 3)
+    opt.step()  # a finite step updates normally
+    opt.check_finite()
+    assert all(not torch.equal(p, w) for p, w in zip(params, snap[0]))
+    assert opt.stats()["nonfinite_skips"] == 1
+
+
+@pytest.mark.parametrize("sync", ["state_dict", "diagnostics", "check_finite"])
+def test_every_natural_sync_reports(sync):
+    """Two bad steps (an inf in a matrix at a refresh step, then a NaN in the scalar path): the next
+    state_dict() / diagnostics() / check_finite() raises naming both (in param-group order: matrices
+    first), and neither changed anything. The refresh at t = 3 would see factors that moved since the
+    last refresh (t = 2 was a finite step), so an unguarded refresh would change the eigenbases."""
+    params = make_params()
+    opt = Mousse(named(params), lr=0.02, scalar_weight_decay=0.1, refresh_every=2)  # refreshes t = 1, 3, 5
+    opt.diagnostics_enabled = sync == "diagnostics"
+    for s in (1, 2):
+        set_grads(params, s)
+        opt.step()
+    snap = snapshot(opt, params)
+    set_grads(params, 3)
+    params[4].grad[1, 0, 0] = float("inf")
+    opt.step()  # t = 3: a refresh is due
+    set_grads(params, 4)
+    params[3].grad[1] = float("nan")
+    opt.step()
+    assert_unchanged(opt, params, snap)
+    with pytest.raises(NonFiniteGradientError, match=r"in w4, w3 \(2 step\(s\)"):
+        getattr(opt, sync)()
+    assert opt.stats()["nonfinite_skips"] == 2
+    opt.state_dict()  # reported: saving works again
+
+
+def test_mimuon_gap_test_on_a_nonfinite_step_keeps_the_branch():
+    """A gap test that falls on a non-finite step keeps the branch (on the device and its host copy);
+    the next gap test on a finite step does switch it."""
+    params = make_params()[:1]
+    opt = MiMuon(named(params), lr=0.02, gap_every=2)
+    params[0].grad = torch.zeros_like(params[0])
+    params[0].grad[0, 0] = params[0].grad[1, 1] = 1  # two equal singular values: the SGD branch
+    opt.step()
+    state = opt.state[params[0]]
+    assert state["muon_branch"].tolist() == [False]
+    set_grads(params, 2)
+    opt.step()  # t = 2: no gap test
+    snap = snapshot(opt, params)
+    set_grads(params, 3)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()  # t = 3: a gap test, on a non-finite step
+    assert_unchanged(opt, params, snap)
+    assert opt._host_branch(state) == [False]
+    with pytest.raises(NonFiniteGradientError, match="w0"):
+        opt.check_finite()
+    for s in (4, 5):  # t = 5: a gap test on a finite step, from a momentum with distinct singular values
+        set_grads(params, s)
+        opt.step()
+    assert state["muon_branch"].tolist() == opt._host_branch(state) == [True]
+
+
+def test_huge_but_finite_low_precision_gradients_are_finite():
+    """An fp16 gradient of norm > 65504 (entries 6e4) and a bf16 one of norm > 3.4e38 (entries 1e38)
+    are finite: the check uses the largest magnitude, which cannot overflow (a norm in the gradient
+    dtype, or a sum of squares in fp32, would be inf)."""
+    for dtype, value, scalar_optimizer in ((torch.float16, 6e4, "adamw"), (torch.bfloat16, 1e38, "lion")):
+        params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((8, 12), (6,))]
+        opt = Muon(params, lr=0.02, scalar_optimizer=scalar_optimizer)
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.full_like(p, value)
+        assert torch.isinf(torch._foreach_norm([params[0].grad])[0])  # what a norm-based check would see
+        opt.step()
+        assert opt.stats()["nonfinite_skips"] == 0  # no NonFiniteGradientError either
+        assert not torch.equal(params[1], before[1]), dtype  # the step ran
+        if dtype == torch.float16:  # (bf16 1e38: Newton-Schulz's own fp32 norm overflows; not our concern)
+            assert not torch.equal(params[0], before[0])
+
+
+# ---------------------------------------------------------------------------- Trainer
+class NanLossAt(Trainer):
+    """Multiplies the loss by NaN in the step that starts at ``global_step == nan_at``."""
+
+    nan_at = -1
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == self.nan_at else loss
+
+
+def nan_trainer(tmp_path, text_file, nan_at, **kw):
+    train, _ = byte_blocks(text_file)
+    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3,
+                report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="muon")
+    trainer = NanLossAt(model=tiny_gpt2(), args=TrainingArguments(**{**base, **kw}), train_dataset=train)
+    trainer.nan_at = nan_at
+    return trainer
+
+
+def test_trainer_reports_a_nan_loss_at_the_next_log(tmp_path, text_file):
+    trainer = nan_trainer(tmp_path, text_file, nan_at=2, logging_steps=2)  # NaN in step 3, logs at 2 and 4
+    with pytest.raises(NonFiniteGradientError, match=r"transformer\.h\.0\..*\(1 step\(s\)"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [2]
+
+
+def test_trainer_checks_before_writing_a_checkpoint(tmp_path, text_file):
+    trainer = nan_trainer(tmp_path, text_file, nan_at=2, logging_steps=10, save_strategy="steps",
+                          save_steps=3)
+    with pytest.raises(NonFiniteGradientError):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert not (tmp_path / "checkpoint-3").exists()  # not even the model weights
