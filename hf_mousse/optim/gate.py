@@ -21,7 +21,6 @@ bf16-rounded factor (0.998 in bf16 is 1.0).
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 
@@ -119,18 +118,6 @@ class StepGate:
         if not self.active:
             return new
         return torch.where(self.flags(new.device)[0], new, old)
-
-    @contextmanager
-    def guard(self, *tensors: torch.Tensor):
-        """In-place writes to ``tensors`` inside the block are undone on a non-finite step (one copy
-        of each, made only when the gate is active: for rare writes such as an eigenbasis refresh)."""
-        if not self.active:
-            yield
-            return
-        saved = [t.clone() for t in tensors]
-        yield
-        for t, s in zip(tensors, saved):
-            torch.where(self.flags(t.device)[0], t, s, out=t)
 
 
 NO_GATE = StepGate()

@@ -43,6 +43,7 @@ def refresh_eigenbasis(
     bias_correction: float,
     eps: float,
     stats: EighStats,
+    apply: torch.Tensor | None = None,
 ) -> None:
     """Recompute (in place) the eigenbasis of each normalised factor in the stack.
 
@@ -53,11 +54,13 @@ def refresh_eigenbasis(
 
     One temporary of the factor's size (the damped, normalised copy) besides eigh's own: the scale
     is applied in one multiply and eps on the diagonal in place; results are selected into the
-    state in place.
+    state in place. ``apply`` (a 0-d bool tensor), when false, keeps every old basis without a host read.
     """
     d = factor.size(-1)
     trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
     valid = torch.isfinite(trace) & (trace > torch.finfo(factor.dtype).tiny * d)
+    if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
+        valid = valid & apply
     # F / (1 - beta^t) * d / trace, as one scale; invalid entries become eps I so eigh never sees NaN
     # (their result is discarded below).
     scale = d / (torch.where(valid, trace, torch.ones_like(trace)) * bias_correction)

@@ -107,13 +107,13 @@ class Mousse(SpectralOptimizer):
             # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
             t = st[keys.STEP]
             if self._refresh_due(st, group):
-                vals, vecs = st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)]
-                with self._gate.guard(vals, vecs):  # kept as they were on a non-finite step
-                    refresh_eigenbasis(
-                        factor, vals, vecs,
-                        bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
-                        eps=group["eps"], stats=self.eigh_stats,
-                    )
+                refresh_eigenbasis(
+                    factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)],
+                    bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
+                    eps=group["eps"], stats=self.eigh_stats,
+                    # on a non-finite step the old basis is kept (no copy: the result is selected in place)
+                    apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
+                )
         return (self._stacked_state(bucket, keys.kron_eigvals(side)),
                 self._stacked_state(bucket, keys.kron_eigvecs(side)))
 
