@@ -275,6 +275,31 @@ def summarize(label: str, runs: list[dict], targets: dict[int, float], baseline_
     )
 
 
+def run_config(args, size: dict, data) -> dict:
+    """Everything a run's result depends on besides optimizer, lr and seed (JSON-ready)."""
+    config = dict(size=args.size, model=size["model"], seq_len=size["seq_len"], batch=size["batch"],
+                  tokens_per_step=size["batch"] * size["seq_len"], steps=args.steps,
+                  eval_every=size["eval_every"], eval_tokens=len(data[1]) * size["seq_len"],
+                  warmup=size["warmup"], schedule="cosine (Trainer)", weight_decay=WEIGHT_DECAY,
+                  betas=BETAS, grad_clip=1.0, data=data[3], vocab_size=len(data[2]), seeds=args.seeds)
+    return json.loads(json.dumps(config))
+
+
+def reusable_runs(path: str, config: dict) -> dict:
+    """(name, optim_args, lr) -> {seed: run} from an earlier result with the same config (not seeds)."""
+    old = json.loads(Path(path).read_text())
+    differ = [k for k in config if k != "seeds" and old["config"].get(k) != config[k]]
+    if differ:
+        raise SystemExit(f"--reuse {path}: its runs were made with other settings ({differ}); run them again")
+    out: dict = {}
+    for r in old["optimizers"].values():
+        runs = zip(r["seeds"], r["curves"], r["final_eval_loss"], r["train_seconds"])
+        for seed, curve, final, secs in runs:
+            out.setdefault((r["name"], r["optim_args"], r["lr"]), {})[seed] = dict(
+                lr=r["lr"], seed=seed, curve=curve, final_eval_loss=final, train_seconds=secs)
+    return out
+
+
 def main():
     args = parse_args()
     if args.render:
@@ -314,12 +339,19 @@ def main():
         if edge:
             print(f"  note: {label}'s best lr {best['lr']:g} is at the edge of its sweep {grid}")
 
+    config = run_config(args, size, data)
+    reuse = reusable_runs(args.reuse, config) if args.reuse else {}
     runs_by_label = {}
     for label, (name, optim_args) in specs.items():
         lr, _, seed0 = chosen[label]
         runs = [seed0] if seed0 is not None else []
+        cached = reuse.get((name, optim_args, lr), {})
         for seed in range(args.seeds):
             if seed0 is not None and seed == 0:
+                continue
+            if seed in cached:
+                runs.append(cached[seed])
+                print(f"{label:<14} lr {lr:<8g} seed {seed}: reused from {args.reuse}")
                 continue
             runs.append(train_run(args, size, data, name, optim_args, lr, seed))
             print(f"{label:<14} lr {lr:<8g} seed {seed} final eval loss {runs[-1]['final_eval_loss']:.4f} "
@@ -340,11 +372,7 @@ def main():
         benchmark="convergence", device=device_name(device), commit=git_commit(), load_average=loadavg(),
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
                       hf_mousse=hf_mousse.__version__, python=sys.version.split()[0]),
-        config=dict(size=args.size, model=size["model"], seq_len=size["seq_len"], batch=size["batch"],
-                    tokens_per_step=size["batch"] * size["seq_len"], steps=args.steps,
-                    eval_every=size["eval_every"], eval_tokens=len(data[1]) * size["seq_len"],
-                    warmup=size["warmup"], schedule="cosine (Trainer)", weight_decay=WEIGHT_DECAY,
-                    betas=BETAS, grad_clip=1.0, data=data[3], vocab_size=len(data[2]), seeds=args.seeds),
+        config=config,
         target=f"per seed, {BASELINE}'s final eval loss with that seed",
         sweeps={k: [dict(lr=r["lr"], final_eval_loss=r["final_eval_loss"], curve=r["curve"]) for r in v]
                 for k, v in sweeps.items()},
@@ -435,6 +463,8 @@ def parse_args():
     ap.add_argument("--lrs", default=None, help="LABEL=LR,... skips the sweep for those runs")
     ap.add_argument("--sweep", default=None, help="LABEL=lr1/lr2/lr3,... overrides a sweep grid")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--reuse", metavar="JSON", default=None,
+                    help="take runs (same optimizer, optim_args, lr, seed, settings) from an earlier result")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="default: the size's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")

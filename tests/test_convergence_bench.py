@@ -65,3 +65,22 @@ def test_refuses_a_budget_that_would_repeat_tokens(tmp_path):
     proc = run(tmp_path, "--data", str(corpus), "--optimizers", "muon", "--lrs", "muon=0.01", "--seeds", "1")
     assert proc.returncode != 0
     assert "training would repeat tokens" in proc.stderr
+
+
+def test_reuse_takes_runs_with_the_same_settings_and_refuses_others(tmp_path):
+    first = tmp_path / "first"
+    proc = run(first, "--optimizers", "mousse", "--seeds", "2", "--lrs", "mousse=0.01,muon=0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = json.loads((first / "convergence.json").read_text())["optimizers"]
+    again = tmp_path / "again"
+    proc = run(again, "--optimizers", "mousse", "--variant", "a.25=mousse:alpha=0.25", "--seeds", "2",
+               "--lrs", "mousse=0.01,muon=0.01", "--reuse", str(first / "convergence.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reused from") == 4  # muon and mousse, 2 seeds each; the variant is new
+    new = json.loads((again / "convergence.json").read_text())["optimizers"]
+    for label in ("muon", "mousse"):
+        assert new[label]["final_eval_loss"] == old[label]["final_eval_loss"]
+    assert len(new["a.25"]["final_eval_loss"]) == 2
+    proc = run(tmp_path / "other", "--optimizers", "mousse", "--seeds", "2", "--steps", "4",
+               "--lrs", "mousse=0.01,muon=0.01", "--reuse", str(first / "convergence.json"))
+    assert proc.returncode != 0 and "made with other settings (['steps'" in proc.stderr
