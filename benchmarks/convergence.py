@@ -305,6 +305,8 @@ def main():
     if args.render:
         print(render_markdown(json.loads(Path(args.render).read_text())))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = dict(SIZES[args.size])
     args.steps = args.steps or size["steps"]
     if args.eval_every:
@@ -470,6 +472,8 @@ def parse_args():
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")
     ap.add_argument("--micro-batch", type=int, default=None, help="gradient accumulation micro-batch size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: torch's); 1 lets two benchmarks share 2 cores")
     ap.add_argument("--out", default="runs/convergence")
     ap.add_argument("--render", metavar="JSON", default=None, help="print the markdown table of a result")
     return ap.parse_args()
