@@ -242,14 +242,13 @@ def run_specs(args) -> dict[str, tuple[str, str | None]]:
     specs = {}
     for name in filter(None, args.optimizers.split(",")):
         specs[name] = (ALIASES.get(name, name), None)
-    variants = list(args.variant)
+    variants = [v.partition("=")[::2] for v in args.variant]  # (label, "name:key=value,...")
     if args.knobs:
-        variants += [f"{label}={spec}" for label, (spec, _) in KNOBS.items()]
-    for variant in variants:
-        label, sep, rest = variant.partition("=")
-        name, _, optim_args = rest.partition(":")
-        if not sep or not name:
-            raise SystemExit(f"--variant expects LABEL=NAME[:key=value,...], got {variant!r}")
+        variants += [(label, spec) for label, (spec, _) in KNOBS.items()]
+    for label, spec in variants:
+        name, _, optim_args = spec.partition(":")
+        if not label or not name:
+            raise SystemExit(f"--variant expects LABEL=NAME[:key=value,...], got {label}={spec}")
         specs[label] = (ALIASES.get(name, name), optim_args or None)
     if BASELINE not in specs:
         print(f"adding {BASELINE}: the target is its final eval loss")
