@@ -84,3 +84,16 @@ def test_reuse_takes_runs_with_the_same_settings_and_refuses_others(tmp_path):
     proc = run(tmp_path / "other", "--optimizers", "mousse", "--seeds", "2", "--steps", "4",
                "--lrs", "mousse=0.01,muon=0.01", "--reuse", str(first / "convergence.json"))
     assert proc.returncode != 0 and "made with other settings (['steps'" in proc.stderr
+
+
+def test_knobs_and_variants_become_runs_with_their_optim_args():
+    import argparse
+
+    bench = load_script()
+    specs = bench.run_specs(argparse.Namespace(optimizers="mousse", variant=["a.25=mousse:alpha=0.25"],
+                                               knobs=True))
+    assert specs["muon"] == ("muon", None)  # the target's optimizer is always there
+    assert specs["a.25"] == ("mousse", "alpha=0.25")
+    for label, (spec, _) in bench.KNOBS.items():  # labels such as "alpha=0.25" keep their '='
+        name, _, optim_args = spec.partition(":")
+        assert specs[label] == (name, optim_args)
