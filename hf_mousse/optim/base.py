@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate
 
 import torch
 
-from ..errors import InvalidHyperparameterError, NonFiniteGradientError, UnsupportedParameterError
+from ..errors import (
+    CheckpointError,
+    InvalidHyperparameterError,
+    NonFiniteGradientError,
+    UnsupportedParameterError,
+)
 from . import scalar as scalar_path
 from .gate import NO_GATE, StepGate
 from .kronecker import EighStats
@@ -52,6 +57,30 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise InvalidHyperparameterError(f"invalid {key}={value!r}: expected {expected}")
+
+
+def _is_int(v) -> bool:
+    """An int, not a bool (True is an int to Python, never a step count or a period here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _group_label(group: dict) -> str:
+    name = group.get("group_name")
+    return f"group {name!r}" if name else f"role={group.get('role')!r}"
+
+
+STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "nonfinite_skips")
+
+
+def _checked_stats(stats) -> dict[str, int] | None:
+    """The saved :meth:`SpectralOptimizer.stats` (None when absent), each counter an int >= 0."""
+    if stats is None:
+        return None
+    if not isinstance(stats, dict) or set(stats) != set(STATS) or not all(
+        _is_int(v) and v >= 0 for v in stats.values()
+    ):
+        raise CheckpointError(f"the saved optimizer counters {stats!r} are not {list(STATS)} as ints >= 0")
+    return stats
 
 
 @dataclass
@@ -257,36 +286,122 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.check_finite()
         sd = super().state_dict()
         sd["hf_mousse_stats"] = self.stats()
+        sd["hf_mousse_optimizer"] = type(self).__name__
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Like torch's, but state tensors keep their saved dtype (torch would cast fp32 factors
-        and moments of a bf16 parameter to bf16) and are copied, not aliased."""
+        """Like torch's, but checked first and exact: nothing changes when a check fails.
+
+        The saved param groups must match this optimizer's (count, sizes, parameter names where both
+        have them) and pass the same validation as constructed groups; every parameter's state must
+        have exactly the entries a fresh state would have, each tensor with the shape and dtype of a
+        fresh one (:meth:`_check_state`). Raises :class:`~hf_mousse.errors.CheckpointError`. State
+        tensors keep their saved dtype (torch would cast fp32 factors and moments of a bf16 parameter
+        to bf16) and are copied, not aliased."""
         state_dict = dict(state_dict)
+        saved_cls = state_dict.pop("hf_mousse_optimizer", type(self).__name__)
+        if saved_cls != type(self).__name__:
+            raise CheckpointError(f"the state was saved by {saved_cls!r} but the optimizer is "
+                                  f"{type(self).__name__}; resume with the optimizer that wrote it")
         saved_state = state_dict.pop("state")
-        stats = state_dict.pop("hf_mousse_stats", None)
-        super().load_state_dict({**state_dict, "state": {}})
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                chain.from_iterable(g["params"] for g in self.param_groups),
+        stats = _checked_stats(state_dict.pop("hf_mousse_stats", None))
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            raise CheckpointError(
+                f"the saved state has param groups of sizes {[len(g['params']) for g in saved_groups]} but "
+                f"this optimizer has {[len(g['params']) for g in self.param_groups]}: it was saved for "
+                "other parameters or another grouping"
             )
-        )
+        groups = [self._resumed_group(s, g) for s, g in zip(saved_groups, self.param_groups)]
+        owners = {}  # saved parameter index -> (parameter, its resumed group, its name)
+        for s, g in zip(saved_groups, groups):
+            names = g.get("param_names") or [None] * len(g["params"])
+            owners.update(zip(s["params"], zip(g["params"], [g] * len(names), names)))
         for pid, st in saved_state.items():
-            if pid not in id_map:
-                raise InvalidHyperparameterError(
-                    f"optimizer state refers to parameter index {pid}, which the param groups do not have"
+            if pid not in owners:
+                raise CheckpointError(
+                    f"the saved state refers to parameter index {pid!r}, which the param groups do not have"
                 )
-            p = id_map[pid]
+            self._check_state(*owners[pid], st)
+        saved_ids = [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)]
+        super().load_state_dict({**state_dict, "param_groups": saved_ids, "state": {}})
+        for pid, st in saved_state.items():
+            p = owners[pid][0]
             self.state[p] = {
                 k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
                 for k, v in st.items()
             }
-        if stats:
+        if stats is not None:
             self.eigh_stats = EighStats(
                 stats["eigh_refreshes"], stats["eigh_fp64_retries"], stats["eigh_failures"]
             )
             self.nonfinite_skips = stats["nonfinite_skips"]
+
+    def _resumed_group(self, saved: dict, current: dict) -> dict:
+        """The param group a resume continues with: the saved values (torch's rule), checked like a
+        constructed group. Raises :class:`CheckpointError` for a group that does not validate."""
+        names, saved_names = current.get("param_names"), saved.get("param_names")
+        if names is not None and saved_names is not None and list(names) != list(saved_names):
+            raise CheckpointError(
+                f"the saved param group holds {list(saved_names)[:5]} but this optimizer's holds "
+                f"{list(names)[:5]}: the state was saved for other parameters"
+            )
+        group = {**{k: v for k, v in saved.items() if k != "params"}, "params": current["params"]}
+        if names is not None:
+            group["param_names"] = names
+        try:
+            self._validate_group(group)
+        except (InvalidHyperparameterError, UnsupportedParameterError) as e:
+            raise CheckpointError(f"a saved param group ({_group_label(group)}) is not valid: {e}") from None
+        return group
+
+    def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
+        """A new parameter's state (step 0, initial tensors), without the counters dealt at the first
+        step; on ``p``'s device (a meta tensor gives the shapes and dtypes that loading checks)."""
+        st: dict = {STEP: 0}
+        if group["role"] == "scalar":
+            scalar_path.init_state(st, p, group["scalar_optimizer"], state_dtype(p))
+        else:
+            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
+            self._init_matrix_state(st, p, group)
+        return st
+
+    def _counters(self, group: dict) -> dict[str, int | None]:
+        """The non-tensor state entries of a parameter in ``group``: name -> exclusive upper bound
+        (None: unbounded). Every entry is an int >= 0, present in every non-empty state."""
+        return {STEP: None}
+
+    def _check_state(self, p: torch.Tensor, group: dict, name: str | None, st: dict) -> None:
+        """Raise :class:`CheckpointError` unless ``st`` is empty or has exactly the entries of a fresh
+        state of ``p`` in ``group``, tensors of the same shapes and dtypes, counters in range."""
+        if not st:
+            return
+        what = f"the saved state of {name!r}" if name else f"the saved state of a {tuple(p.shape)} parameter"
+        expected = {k: v for k, v in self._fresh_state(torch.empty_like(p, device="meta"), group).items()
+                    if isinstance(v, torch.Tensor)}
+        counters = self._counters(group)
+        keys = expected.keys() | counters.keys()
+        if st.keys() != keys:
+            raise CheckpointError(
+                f"{what} has entries {sorted(st)} but {type(self).__name__} with this group's settings "
+                f"({_group_label(group)}) keeps {sorted(keys)} (missing: {sorted(keys - st.keys())}, "
+                f"unexpected: {sorted(st.keys() - keys)}): it was saved by another optimizer or with "
+                "other settings"
+            )
+        for key, fresh in expected.items():
+            v = st[key]
+            if not isinstance(v, torch.Tensor) or v.shape != fresh.shape or v.dtype != fresh.dtype:
+                found = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+                raise CheckpointError(
+                    f"{what}: {key} is {found} but the parameter (shape {tuple(p.shape)}, {p.dtype}) needs "
+                    f"{tuple(fresh.shape)} {fresh.dtype}: it was saved for a different model or dtype"
+                )
+        for key, bound in counters.items():
+            v = st[key]
+            if not _is_int(v) or v < 0 or (bound is not None and v >= bound):
+                raise CheckpointError(f"{what}: {key}={v!r} is not an int in [0, {bound or 'inf'})")
 
     def stats(self) -> dict[str, int]:
         """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps. Calls
@@ -417,7 +532,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                scalar_path.init_state(st, p, kind, state_dtype(p))
+                st.update(self._fresh_state(p, group))
             st[STEP] += 1
             states.append(st)
         grads = [p.grad if p.grad.dtype == s[EXP_AVG].dtype else p.grad.to(s[EXP_AVG].dtype)
@@ -468,9 +583,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             )
         st = self.state[p]
         if not st:
-            st[STEP] = 0
-            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
-            self._init_matrix_state(st, p, group)
+            st.update(self._fresh_state(p, group))
         st[STEP] += 1
         return st
 

@@ -73,8 +73,6 @@ class Mousse(SpectralOptimizer):
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
-        if group["refresh_schedule"] == "staggered":
-            state[keys.REFRESH_PHASE] = self._refresh_phase(p, group["refresh_every"])
         for side in _SIDES[group["sides"]]:
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
@@ -82,6 +80,19 @@ class Mousse(SpectralOptimizer):
             # sees a zero gradient, where 0 ** -alpha would be inf.
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
             state[keys.kron_eigvecs(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+
+    def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
+        new = not self.state.get(p)
+        st = super()._matrix_state(group, p)
+        if new and group["refresh_schedule"] == "staggered":
+            st[keys.REFRESH_PHASE] = self._refresh_phase(p, group["refresh_every"])
+        return st
+
+    def _counters(self, group: dict) -> dict[str, int | None]:
+        counters = super()._counters(group)
+        if group["role"] == "matrix" and group["refresh_schedule"] == "staggered":
+            counters[keys.REFRESH_PHASE] = group["refresh_every"]  # a phase in [0, T)
+        return counters
 
     def _bucket_update(self, bucket: Bucket):
         group = bucket.group
@@ -133,7 +144,8 @@ class Mousse(SpectralOptimizer):
             load = [0.0] * period
             new = []
             for group in self.param_groups:
-                if group["refresh_schedule"] != "staggered" or group["refresh_every"] != period:
+                if (group["role"] != "matrix" or group["refresh_schedule"] != "staggered"
+                        or group["refresh_every"] != period):
                     continue
                 for q in group["params"]:
                     phase = self.state.get(q, {}).get(keys.REFRESH_PHASE)
