@@ -4,8 +4,6 @@ our checkpoints, optimizer files from another step, legacy optimizer.pt files)."
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -43,7 +41,9 @@ def snapshot(opt):
 
 def same(a, b) -> bool:
     (state_a, groups_a, stats_a), (state_b, groups_b, stats_b) = a, b
-    if groups_a != groups_b or stats_a != stats_b or [s.keys() for s in state_a] != [s.keys() for s in state_b]:
+    if groups_a != groups_b or stats_a != stats_b:
+        return False
+    if [s.keys() for s in state_a] != [s.keys() for s in state_b]:
         return False
     for sa, sb in zip(state_a, state_b):
         for k, x in sa.items():
@@ -141,7 +141,8 @@ def _drop(key):
 
 
 STATE_EDITS = {
-    "transposed momentum": (_with("momentum", lambda t: t.mT.contiguous()), r"momentum is \(6, 8\).*needs \(8, 6\)"),
+    "transposed momentum": (_with("momentum", lambda t: t.mT.contiguous()),
+                            r"momentum is \(6, 8\).*needs \(8, 6\)"),
     "float64 factor": (_with("kron_left", lambda t: t.double()), "kron_left is .*float64.*needs .*float32"),
     "factor of another size": (_with("kron_right", lambda t: t[:, :3, :3]), r"kron_right is \(1, 3, 3\)"),
     "missing factor": (_drop("kron_left_eigvecs"), r"missing: \['kron_left_eigvecs'\]"),

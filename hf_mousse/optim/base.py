@@ -17,6 +17,7 @@ from ..errors import (
     CheckpointError,
     InvalidHyperparameterError,
     NonFiniteGradientError,
+    NonFiniteUpdateError,
     UnsupportedParameterError,
 )
 from . import scalar as scalar_path
@@ -59,6 +60,15 @@ def _check(ok: bool, key: str, value, expected: str) -> None:
         raise InvalidHyperparameterError(f"invalid {key}={value!r}: expected {expected}")
 
 
+def _is_real(v) -> bool:
+    """A finite int or float, not a bool (inf, NaN and True are never a valid hyperparameter)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The smallest floor (eps) that holds in the fp32 state: float32's smallest normal number.
+MIN_FLOOR = torch.finfo(torch.float32).tiny
+
+
 def _is_int(v) -> bool:
     """An int, not a bool (True is an int to Python, never a step count or a period here)."""
     return isinstance(v, int) and not isinstance(v, bool)
@@ -69,18 +79,20 @@ def _group_label(group: dict) -> str:
     return f"group {name!r}" if name else f"role={group.get('role')!r}"
 
 
-STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "nonfinite_skips")
+STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "eigh_nonfinite_factors", "nonfinite_skips",
+         "nonfinite_updates")
 
 
 def _checked_stats(stats) -> dict[str, int] | None:
-    """The saved :meth:`SpectralOptimizer.stats` (None when absent), each counter an int >= 0."""
+    """The saved :meth:`SpectralOptimizer.stats` (None when absent), each counter an int >= 0; counters
+    an earlier version did not keep are 0."""
     if stats is None:
         return None
-    if not isinstance(stats, dict) or set(stats) != set(STATS) or not all(
+    if not isinstance(stats, dict) or not set(stats) <= set(STATS) or not all(
         _is_int(v) and v >= 0 for v in stats.values()
     ):
         raise CheckpointError(f"the saved optimizer counters {stats!r} are not {list(STATS)} as ints >= 0")
-    return stats
+    return {k: stats.get(k, 0) for k in STATS}
 
 
 @dataclass
@@ -148,10 +160,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.eigh_stats = EighStats()
         self.nonfinite_skips = 0
+        self.nonfinite_updates = 0
         # nonfinite="raise": per parameter, a device counter of its non-finite steps not yet reported,
         # and per device a counter of such steps; read by check_finite(), never by step().
         self._nonfinite_params: dict[torch.Tensor, torch.Tensor] = {}
         self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
+        # ... and for non-finite updates (from finite gradients): per bucket, the owner of each block
+        # and a device counter per block; per device a counter of steps with any; this step's flags.
+        self._update_rows: dict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._update_steps: dict[torch.device, torch.Tensor] = {}
+        self._step_update_flags: list[torch.Tensor] = []
         self._nonfinite_unchecked = False  # a gated step ran since the last check_finite()
         self._gate = NO_GATE  # the running step's finite flag (see gate.py)
         self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
@@ -161,7 +179,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self._stacks: dict[str, dict[frozenset, tuple[torch.Tensor, list[torch.Tensor]]]] = defaultdict(dict)
         shared = dict(ns_dtype=ns_dtype, weight_decay_schedule=weight_decay_schedule,
                       scalar_optimizer=scalar_optimizer, scalar_lr=scalar_lr,
-                      scalar_weight_decay=scalar_weight_decay, betas=tuple(betas), scalar_eps=scalar_eps)
+                      scalar_weight_decay=scalar_weight_decay, scalar_eps=scalar_eps,
+                      betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas)  # else refused
         super().__init__(params, {**shared, **defaults})
 
     @classmethod
@@ -223,17 +242,22 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, g: dict) -> None:
         _check(g["role"] in ("matrix", "scalar"), "role", g["role"], "'matrix' or 'scalar'")
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "scalar_weight_decay"):
             v = g[key]
-            _check(isinstance(v, (int, float)) and v >= 0, key, v, "a float >= 0")
-        _check(g["scalar_eps"] > 0, "scalar_eps", g["scalar_eps"], "a float > 0")
+            _check(_is_real(v) and v >= 0, key, v, "a finite float >= 0")
+        v = g["scalar_lr"]
+        _check(v is None or (_is_real(v) and v >= 0), "scalar_lr", v, "None or a finite float >= 0")
+        for key in ("scalar_eps", "ns_eps"):
+            v = g[key]
+            _check(_is_real(v) and v >= MIN_FLOOR, key, v, f"a finite float >= {MIN_FLOOR:.3g} (float32's "
+                   "smallest normal number: a smaller one is 0 in float32, and 0 / 0 follows)")
         m = g["momentum"]
-        _check(isinstance(m, (int, float)) and 0 <= m < 1, "momentum", m, "a float in [0, 1)")
+        _check(_is_real(m) and 0 <= m < 1, "momentum", m, "a float in [0, 1)")
         _check(isinstance(g["nesterov"], bool), "nesterov", g["nesterov"], "True or False")
         b = g["betas"]
         _check(
-            isinstance(b, (tuple, list)) and len(b) == 2 and all(0 <= x < 1 for x in b),
-            "betas", b, "two floats in [0, 1)",
+            isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_real(x) and 0 <= x < 1 for x in b),
+            "betas", b, "two floats in [0, 1), e.g. (0.9, 0.95)",
         )
         _check(g["scalar_optimizer"] in scalar_path.SCALAR_OPTIMIZERS, "scalar_optimizer",
                g["scalar_optimizer"], f"one of {scalar_path.SCALAR_OPTIMIZERS}")
@@ -241,10 +265,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
                g["weight_decay_schedule"], f"one of {SCHEDULES}")
         _check(g["adjust_lr"] in ADJUST_LR, "adjust_lr", g["adjust_lr"], f"one of {ADJUST_LR}")
         _check(g["ns_dtype"] in NS_DTYPES, "ns_dtype", g["ns_dtype"], f"one of {NS_DTYPES}")
-        _check(g["ns_eps"] > 0, "ns_eps", g["ns_eps"], "a float > 0")
         steps = g["ns_steps"]
-        _check(steps is None or (isinstance(steps, int) and steps >= 1), "ns_steps", steps,
-               "None or an int >= 1")
+        _check(steps is None or (_is_int(steps) and steps >= 1), "ns_steps", steps, "None or an int >= 1")
         try:
             resolve_schedule(g["ns"], steps)
         except ValueError as e:
@@ -252,7 +274,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if g["role"] == "matrix":
             _check(g["layout"] in LAYOUTS, "layout", g["layout"], f"one of {LAYOUTS}")
             split = g["split"]
-            _check(isinstance(split, int) and split >= 1, "split", split, "an int >= 1")
+            _check(_is_int(split) and split >= 1, "split", split, "an int >= 1")
             names = g.get("param_names") or [None] * len(g["params"])
             for name, p in zip(names, g["params"]):
                 what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
@@ -334,10 +356,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 for k, v in st.items()
             }
         if stats is not None:
-            self.eigh_stats = EighStats(
-                stats["eigh_refreshes"], stats["eigh_fp64_retries"], stats["eigh_failures"]
-            )
+            self.eigh_stats = EighStats(stats["eigh_refreshes"], stats["eigh_fp64_retries"],
+                                        stats["eigh_failures"], stats["eigh_nonfinite_factors"])
             self.nonfinite_skips = stats["nonfinite_skips"]
+            self.nonfinite_updates = stats["nonfinite_updates"]
 
     def _resumed_group(self, saved: dict, current: dict) -> dict:
         """The param group a resume continues with: the saved values (torch's rule), checked like a
@@ -404,20 +426,26 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 raise CheckpointError(f"{what}: {key}={v!r} is not an int in [0, {bound or 'inf'})")
 
     def stats(self) -> dict[str, int]:
-        """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps. Calls
-        :meth:`check_finite` first (one device read if a step ran since the last check)."""
+        """Counters: eigenbasis refreshes, failures and refreshes of non-finite factors (Mousse),
+        skipped non-finite steps, withheld non-finite updates. Calls :meth:`check_finite` first (one
+        device read if a step ran since the last check)."""
         self.check_finite()
+        self.eigh_stats.settle()
         return {
             "eigh_refreshes": self.eigh_stats.refreshed,
             "eigh_fp64_retries": self.eigh_stats.fp64_retries,
             "eigh_failures": self.eigh_stats.failures,
+            "eigh_nonfinite_factors": self.eigh_stats.nonfinite_factors,
             "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_updates": self.nonfinite_updates,
         }
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteGradientError` if a step since the last check had a non-finite
         gradient, naming the parameters; those steps were counted in ``stats()["nonfinite_skips"]``
-        and changed no parameter and no optimizer tensor.
+        and changed no parameter and no optimizer tensor. Else raise :class:`NonFiniteUpdateError` if
+        a step computed a non-finite update from finite gradients (a numerical failure): the weights
+        of the matrices concerned were not changed (``stats()["nonfinite_updates"]`` counts such steps).
 
         With ``nonfinite="raise"`` (the default) ``step()`` never reads the device: it keeps the
         flags there, and this method reads them (one device-to-host copy, only if a step ran since
@@ -427,27 +455,51 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not self._nonfinite_unchecked:
             return
         self._nonfinite_unchecked = False
-        params = list(self._nonfinite_params)
-        counters = [self._nonfinite_params[p] for p in params] + list(self._nonfinite_steps.values())
+        grad_params = list(self._nonfinite_params)
+        rows = list(self._update_rows.values())
+        parts = ([self._nonfinite_params[p] for p in grad_params], list(self._nonfinite_steps.values()),
+                 [c for _, c in rows], list(self._update_steps.values()))
+        counters = [c for part in parts for c in part]
         dev = counters[0].device
-        values = torch.stack([c if c.device == dev else c.to(dev) for c in counters]).tolist()  # the read
-        bad = {id(p) for p, v in zip(params, values) if v}
-        if not bad:
+        flat = torch.cat([c.reshape(-1) if c.device == dev else c.reshape(-1).to(dev) for c in counters])
+        values = iter(flat.tolist())  # the read
+        bad_grads = {id(p) for p in grad_params if next(values)}
+        grad_steps = int(sum(next(values) for _ in parts[1]))
+        bad_updates = set()
+        for owners, _ in rows:
+            bad_updates.update(id(p) for p in owners if next(values))  # each block of each parameter
+        update_steps = int(sum(next(values) for _ in parts[3]))
+        if not (grad_steps or update_steps):
             return
-        steps = int(sum(values[len(params):]))
         torch._foreach_zero_(counters)
-        self.nonfinite_skips += steps
-        listed = ", ".join(
+        self.nonfinite_skips += grad_steps
+        self.nonfinite_updates += update_steps
+        message = []
+        if grad_steps:
+            message.append(
+                f"non-finite gradient (inf or NaN) in {self._names(bad_grads)} ({grad_steps} step(s) "
+                "since the last check); those steps updated no parameter and no optimizer state (they "
+                "are counted in stats()['nonfinite_skips']). Lower the learning rate, enable gradient "
+                "clipping or loss scaling, or pass nonfinite='skip' to skip such steps without raising."
+            )
+        if update_steps:
+            message.append(
+                f"non-finite update (inf or NaN) in {self._names(bad_updates)} ({update_steps} step(s) "
+                "since the last check), computed from finite gradients: a numerical failure of the "
+                "optimizer, not of the data. Those steps left the weights of these matrices (and of the "
+                "matrices of the same shape and group, updated with them) unchanged; the optimizer state "
+                "advanced (counted in stats()['nonfinite_updates']). Check the settings that shape the "
+                "update: explicit ns coefficients, ns_dtype, and for Mousse alpha and eps."
+            )
+        raise (NonFiniteGradientError if grad_steps else NonFiniteUpdateError)(" ".join(message))
+
+    def _names(self, ids: set[int]) -> str:
+        """The names (else shapes) of the parameters with these ids, in param-group order."""
+        return ", ".join(
             name or f"<parameter of shape {tuple(p.shape)}>"
             for g in self.param_groups
             for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))
-            if id(p) in bad
-        )
-        raise NonFiniteGradientError(
-            f"non-finite gradient (inf or NaN) in {listed} ({steps} step(s) since the last check); "
-            "those steps updated no parameter and no optimizer state (they are counted in "
-            "stats()['nonfinite_skips']). Lower the learning rate, enable gradient clipping or loss "
-            "scaling, or pass nonfinite='skip' to skip such steps without raising"
+            if id(p) in ids
         )
 
     # ------------------------------------------------------------------ step
@@ -479,8 +531,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
                     self._scalar_step(group, params)
                 else:
                     self._matrix_step(group, params)
+            if self._step_update_flags:  # count the step if any bucket's update was withheld
+                flags = self._step_update_flags
+                dev = flags[0].device
+                bad = torch.stack([f if f.device == dev else f.to(dev) for f in flags]).any()
+                if dev not in self._update_steps:
+                    self._update_steps[dev] = torch.zeros((), device=dev)
+                self._update_steps[dev].add_(bad)
         finally:
             self._gate = NO_GATE
+            self._step_update_flags = []
         return loss
 
     @staticmethod
@@ -632,16 +692,37 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return stack
 
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
-        """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout."""
+        """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout;
+        with nothing written on a non-finite step or when the update is not finite."""
         ps = bucket.params
-        self._gate.decay_(ps, shrink)
-        self._gate.mask_(update)  # zero on a non-finite step (the update is ours: a fresh stack)
+        gate = self._update_gate(bucket, update)
+        gate.decay_(ps, shrink)
+        gate.mask_(update)  # zero on a gated step (the update is ours: a fresh stack)
         layout = bucket.group["layout"]
         updates = [from_blocks(update[o : o + k], layout, p.shape)
                    for p, o, k in zip(ps, bucket.offsets, bucket.counts)]
         torch._foreach_add_(ps, updates, alpha=-lr)
         if self.diagnostics_enabled:
             self._record_update("matrix", [update], lr)
+
+    def _update_gate(self, bucket: Bucket, update: torch.Tensor) -> StepGate:
+        """The gate of the bucket's weight writes: the step's finite flag and "every block's update is
+        finite" (no host read). A non-finite update from finite gradients (a numerical failure) leaves
+        the bucket's weights as they were; it is counted per block, on the device, for
+        :meth:`check_finite`. The scalar path needs no such gate: its updates (AdamW's m / (sqrt(v) +
+        eps), Lion's signs) are finite whenever its gradients and moments are."""
+        if not self._gate.active:
+            return self._gate
+        finite = torch.isfinite(torch.linalg.vector_norm(update, math.inf, dim=(-2, -1)))  # per block
+        ok = self._gate.flags(update.device)[0]
+        key = tuple(map(id, bucket.params))
+        if key not in self._update_rows:
+            owners = [p for p, k in zip(bucket.params, bucket.counts) for _ in range(k)]
+            self._update_rows[key] = (owners, torch.zeros(len(owners), device=update.device))
+        self._update_rows[key][1].add_(finite.logical_not() & ok)
+        all_finite = finite.all()
+        self._step_update_flags.append(all_finite.logical_not() & ok)
+        return StepGate(ok & all_finite)
 
     # ------------------------------------------------------------------ diagnostics
     def _record_update(self, role: str, updates: list[torch.Tensor], scale: float) -> None:

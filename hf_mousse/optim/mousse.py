@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import state_keys as keys
-from .base import Bucket, SpectralOptimizer, _check, is_due, lr_ratio
+from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
 from .kronecker import gram, precondition, refresh_eigenbasis
 from .roles import matrix_dims
@@ -16,6 +16,7 @@ from .roles import matrix_dims
 SIDES = ("both", "left", "right")
 REFRESH_SCHEDULES = ("together", "staggered")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
+MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
 
 class Mousse(SpectralOptimizer):
@@ -60,13 +61,22 @@ class Mousse(SpectralOptimizer):
         super().add_param_group(param_group)
 
     def _validate_algorithm(self, g: dict) -> None:
-        _check(g["alpha"] >= 0, "alpha", g["alpha"], "a float >= 0")
-        _check(0 <= g["beta"] < 1, "beta", g["beta"], "a float in [0, 1)")
+        a, eps = g["alpha"], g["eps"]
+        _check(_is_real(a) and 0 <= a <= 1, "alpha", a, "a float in [0, 1] (0 gives Muon; default 0.125)")
+        _check(_is_real(g["beta"]) and 0 <= g["beta"] < 1, "beta", g["beta"], "a float in [0, 1)")
         t = g["refresh_every"]
-        _check(isinstance(t, int) and t >= 1, "refresh_every", t, "an int >= 1")
+        _check(_is_int(t) and t >= 1, "refresh_every", t, "an int >= 1")
         _check(g["refresh_schedule"] in REFRESH_SCHEDULES, "refresh_schedule", g["refresh_schedule"],
                f"one of {REFRESH_SCHEDULES}")
-        _check(g["eps"] > 0, "eps", g["eps"], "a float > 0")
+        _check(_is_real(eps) and eps >= MIN_FLOOR, "eps", eps, f"a finite float >= {MIN_FLOOR:.3g} "
+               "(float32's smallest normal number: the eigenvalue floor must hold in the fp32 factors)")
+        # Whitening and unwhitening divide by eigenvalues >= eps raised to alpha, per side: a direction
+        # grows by up to eps^(-2 alpha), and the update's squared norm (m n such entries) must stay far
+        # below float32's 3.4e38.
+        _check(eps ** (-2 * a) <= MAX_AMPLIFICATION, "eps", eps,
+               f"eps^(-2 alpha) <= {MAX_AMPLIFICATION:.0e} with alpha={a!r} (here {eps ** (-2 * a):.1e}: "
+               "whitening would amplify a direction beyond what float32 norms hold); raise eps or lower "
+               "alpha")
         _check(isinstance(g["bias_correction"], bool), "bias_correction", g["bias_correction"], "a bool")
         _check(isinstance(g["grafting"], bool), "grafting", g["grafting"], "a bool")
         _check(g["sides"] in SIDES, "sides", g["sides"], f"one of {SIDES}")
