@@ -176,3 +176,83 @@ def test_staggered_refresh_phases_are_checked(tmp_path):
     sd["state"][0]["refresh_phase"] = 3
     with pytest.raises(CheckpointError, match=r"refresh_phase=3 is not an int in \[0, 3\)"):
         mousse(model, refresh_schedule="staggered", refresh_every=3).load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- 2. changed settings
+def test_changed_hyperparameters_apply_and_each_is_logged(tmp_path, caplog):
+    """The optimizer's own hyperparameters: the requested values (this optimizer's) apply, and each
+    change is logged with the saved and the requested value. (torch's rule kept the saved ones,
+    silently.)"""
+    model = small_model()
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(stepped(model, weight_decay=0.01), path)
+    opt = mousse(model, refresh_every=3, alpha=0.5, weight_decay=0.5)
+    with caplog.at_level("WARNING", logger="hf_mousse"):
+        load_optimizer(opt, path)
+    matrix = opt.param_groups[0]
+    assert (matrix["refresh_every"], matrix["alpha"], matrix["weight_decay"]) == (3, 0.5, 0.5)
+    logged = [r.getMessage() for r in caplog.records]
+    for key, old, new in (("refresh_every", 10, 3), ("alpha", 0.125, 0.5), ("weight_decay", 0.01, 0.5)):
+        assert any(f"{key} was {old!r} when saved and is {new!r} now" in m and "requested value applies" in m
+                   for m in logged), (key, logged)
+    assert len(logged) == 3  # nothing else changed; the scalar groups' weight decay is their own
+    x = torch.randn(5, 6)
+    model(x).square().sum().backward()
+    opt.step()  # trains on
+    assert torch.isfinite(model[0].weight).all()
+
+
+@pytest.mark.parametrize("key, old, new", [("sides", "both", "left"), ("scalar_optimizer", "adamw", "lion"),
+                                           ("refresh_schedule", "together", "staggered")])
+def test_settings_the_state_depends_on_cannot_change(tmp_path, key, old, new):
+    model = small_model()
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(stepped(model), path)
+    opt = mousse(model, **{key: new})
+    message = rf"{path}: cannot resume group .* with {key}={new!r}: the state was saved with {key}={old!r}"
+    with pytest.raises(CheckpointError, match=message + rf".*Resume with {key}={old!r}"):
+        load_optimizer(opt, path)
+    assert not opt.state
+
+
+def _with_scheduler(opt, peak):
+    """What the Trainer does before loading: a scheduler made on the optimizer records initial_lr."""
+    for g in opt.param_groups:
+        g["lr"] = peak
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 * (step + 1))
+
+
+def test_the_learning_rate_schedule_resumes_and_a_changed_peak_is_refused(tmp_path, caplog):
+    model = small_model()
+    opt = mousse(model)
+    sched = _with_scheduler(opt, 0.02)
+    x = torch.randn(5, 6)
+    for _ in range(3):
+        model(x).square().sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(opt, path)
+    same = mousse(model)
+    _with_scheduler(same, 0.02)
+    with caplog.at_level("WARNING", logger="hf_mousse"):
+        load_optimizer(same, path)
+    assert [g["lr"] for g in same.param_groups] == [g["lr"] for g in opt.param_groups]  # the schedule's
+    assert not caplog.records
+    changed = mousse(model)
+    _with_scheduler(changed, 0.05)
+    with pytest.raises(CheckpointError, match=r"peak learning rate 0\.05: the state was saved with 0\.02"):
+        load_optimizer(changed, path)
+
+
+def test_a_changed_lr_without_a_schedule_is_kept_and_logged(tmp_path, caplog):
+    model = small_model()
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(stepped(model), path)
+    opt = mousse(model, lr=0.05)
+    with caplog.at_level("WARNING", logger="hf_mousse"):
+        load_optimizer(opt, path)
+    assert opt.param_groups[0]["lr"] == 0.02
+    assert any("lr was 0.02 when saved and is 0.05 now" in r.getMessage() and "saved value applies"
+               in r.getMessage() for r in caplog.records)

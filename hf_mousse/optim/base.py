@@ -6,6 +6,7 @@ updates (:meth:`SpectralOptimizer._bucket_update`) and what extra state a matrix
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -79,6 +80,29 @@ def _group_label(group: dict) -> str:
     return f"group {name!r}" if name else f"role={group.get('role')!r}"
 
 
+logger = logging.getLogger(__name__)
+_ABSENT = object()  # a key missing from a param group
+
+
+def _plain(v):
+    """``v`` with tuples as lists (a value read back from JSON compares equal to the one written)."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _shown(v) -> str:
+    return "(absent)" if v is _ABSENT else repr(v)
+
+
+def _log_changes(changes: list[tuple[tuple, str]]) -> None:
+    """One warning per changed setting: saved and requested value, the groups, what applies."""
+    by_change: dict[tuple, list[str]] = defaultdict(list)
+    for (key, old, new, applies), label in changes:
+        by_change[(key, _shown(old), _shown(new), applies)].append(label)
+    for (key, old, new, applies), labels in by_change.items():
+        logger.warning("resuming with a changed setting: %s was %s when saved and is %s now (%s); %s",
+                       key, old, new, ", ".join(labels), applies)
+
+
 STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "eigh_nonfinite_factors", "nonfinite_skips",
          "nonfinite_updates")
 
@@ -139,6 +163,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
     # authors' rounding: they cast the momentum to bf16 before rotating it (ALGORITHMS.md b.3,
     # steps 3 and 6); for Muon it is the cast NS would do anyway, done once while stacking.
     stack_in_ns_dtype = True
+    # Group keys that define which state entries a parameter has, or their shapes: a resume may not
+    # change them (load_state_dict refuses). Subclasses add their own.
+    state_keys_of_group: tuple[str, ...] = ("role", "layout", "split", "scalar_optimizer")
 
     def __init__(
         self,
@@ -315,9 +342,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """Like torch's, but checked first and exact: nothing changes when a check fails.
 
         The saved param groups must match this optimizer's (count, sizes, parameter names where both
-        have them) and pass the same validation as constructed groups; every parameter's state must
-        have exactly the entries a fresh state would have, each tensor with the shape and dtype of a
-        fresh one (:meth:`_check_state`). Raises :class:`~hf_mousse.errors.CheckpointError`. State
+        have them) and pass the same validation as constructed groups; changed settings follow the
+        resume rule of :meth:`_resumed_group` (each change is logged as a warning); every parameter's
+        state must have exactly the entries a fresh state would have, each tensor with the shape and
+        dtype of a fresh one (:meth:`_check_state`). Raises :class:`~hf_mousse.errors.CheckpointError`. State
         tensors keep their saved dtype (torch would cast fp32 factors and moments of a bf16 parameter
         to bf16) and are copied, not aliased."""
         state_dict = dict(state_dict)
@@ -336,7 +364,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 f"this optimizer has {[len(g['params']) for g in self.param_groups]}: it was saved for "
                 "other parameters or another grouping"
             )
-        groups = [self._resumed_group(s, g) for s, g in zip(saved_groups, self.param_groups)]
+        resumed = [self._resumed_group(s, g) for s, g in zip(saved_groups, self.param_groups)]
+        groups = [g for g, _ in resumed]
         owners = {}  # saved parameter index -> (parameter, its resumed group, its name)
         for s, g in zip(saved_groups, groups):
             names = g.get("param_names") or [None] * len(g["params"])
@@ -347,6 +376,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                     f"the saved state refers to parameter index {pid!r}, which the param groups do not have"
                 )
             self._check_state(*owners[pid], st)
+        _log_changes([(change, _group_label(g)) for g, changes in resumed for change in changes])
         saved_ids = [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)]
         super().load_state_dict({**state_dict, "param_groups": saved_ids, "state": {}})
         for pid, st in saved_state.items():
@@ -361,23 +391,65 @@ class SpectralOptimizer(torch.optim.Optimizer):
             self.nonfinite_skips = stats["nonfinite_skips"]
             self.nonfinite_updates = stats["nonfinite_updates"]
 
-    def _resumed_group(self, saved: dict, current: dict) -> dict:
-        """The param group a resume continues with: the saved values (torch's rule), checked like a
-        constructed group. Raises :class:`CheckpointError` for a group that does not validate."""
+    def _resumed_group(self, saved: dict, current: dict) -> tuple[dict, list[tuple]]:
+        """(the param group a resume continues with, its changed settings as (key, saved, requested,
+        what applies)) under the resume rule (README "Checkpoints"):
+
+        * the optimizer's hyperparameters (constructor keywords, ``group_name``): the requested value,
+          i.e. this optimizer's, applies; a change is returned for the log;
+        * keys that define the saved state's entries or shapes (:attr:`state_keys_of_group`): a
+          change is refused, because the saved state would not fit;
+        * the learning rate and keys an LR scheduler adds (``initial_lr``, ...): the saved value
+          (torch's rule; the schedule resumes from its own saved state). A changed peak learning
+          rate (``initial_lr``) is refused, since the resumed schedule would not apply it; a changed
+          ``lr`` without a recorded peak is kept as saved and returned for the log.
+
+        The saved values, as written, pass the same validation as a constructed group, and so does the
+        result. Raises :class:`CheckpointError`."""
         names, saved_names = current.get("param_names"), saved.get("param_names")
         if names is not None and saved_names is not None and list(names) != list(saved_names):
             raise CheckpointError(
                 f"the saved param group holds {list(saved_names)[:5]} but this optimizer's holds "
                 f"{list(names)[:5]}: the state was saved for other parameters"
             )
-        group = {**{k: v for k, v in saved.items() if k != "params"}, "params": current["params"]}
-        if names is not None:
-            group["param_names"] = names
+        members = {"params": current["params"], **({"param_names": names} if names is not None else {})}
+        values = {k: v for k, v in saved.items() if k not in members}
+        label = _group_label({**current, **values})
+        self._validated({**current, **values, **members}, f"the saved param group ({label})")
+        ours = self.defaults.keys() | {"role", "layout", "split", "group_name", "low_rank_side"}
+        group, changes = dict(members), []
+        for key in sorted((values.keys() | current.keys()) - members.keys()):
+            old, new = values.get(key, _ABSENT), current.get(key, _ABSENT)
+            if _plain(old) == _plain(new):
+                group[key] = new
+            elif key in self.state_keys_of_group:
+                raise CheckpointError(
+                    f"cannot resume {label} with {key}={_shown(new)}: the state was saved with "
+                    f"{key}={_shown(old)} and only fits that (its entries or shapes depend on it). Resume "
+                    f"with {key}={_shown(old)}, or start this optimizer afresh without the saved state"
+                )
+            elif key == "lr" or key not in ours:  # the LR schedule's
+                if key == "initial_lr" and new is not _ABSENT and old is not _ABSENT:
+                    raise CheckpointError(
+                        f"cannot resume {label} with peak learning rate {new!r}: the state was saved with "
+                        f"{old!r}, and the LR schedule resumes from its saved state, which keeps {old!r}. "
+                        f"Resume with learning rate {old!r}, or start optimizer and scheduler afresh"
+                    )
+                group[key] = old if old is not _ABSENT else new
+                if key == "lr" and "initial_lr" not in values and "initial_lr" not in current:
+                    changes.append((key, old, new, "the saved value applies (lr is schedule state)"))
+            else:
+                if new is not _ABSENT:
+                    group[key] = new
+                changes.append((key, old, new, "the requested value applies"))
+        self._validated(group, f"the resumed param group ({label})")
+        return group, changes
+
+    def _validated(self, group: dict, what: str) -> None:
         try:
             self._validate_group(group)
         except (InvalidHyperparameterError, UnsupportedParameterError) as e:
-            raise CheckpointError(f"a saved param group ({_group_label(group)}) is not valid: {e}") from None
-        return group
+            raise CheckpointError(f"{what} is not valid: {e}") from None
 
     def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
         """A new parameter's state (step 0, initial tensors), without the counters dealt at the first

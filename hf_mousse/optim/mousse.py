@@ -21,6 +21,8 @@ MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algor
 
 class Mousse(SpectralOptimizer):
     momentum_form = "heavy_ball"
+    # factors per side; staggered refresh phases in the state
+    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule")
 
     def __init__(
         self,
