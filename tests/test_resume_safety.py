@@ -256,3 +256,156 @@ def test_a_changed_lr_without_a_schedule_is_kept_and_logged(tmp_path, caplog):
     assert opt.param_groups[0]["lr"] == 0.02
     assert any("lr was 0.02 when saved and is 0.05 now" in r.getMessage() and "saved value applies"
                in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- the Trainer
+def run(out, text_file, *, optim="mousse", optim_args="", max_steps=4, resume=None, **kw):
+    from helpers import byte_blocks, tiny_gpt2
+    from transformers import Trainer, TrainingArguments
+
+    import hf_mousse
+
+    hf_mousse.register()
+    train_set, _ = byte_blocks(text_file)
+    args = dict(output_dir=str(out), optim=optim, optim_args=optim_args, max_steps=max_steps,
+                per_device_train_batch_size=4, learning_rate=3e-3, weight_decay=0.1,
+                lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="steps",
+                save_steps=2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=tiny_gpt2(), args=TrainingArguments(**{**args, **kw}), train_dataset=train_set)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, text_file):
+    """A Mousse run to step 4 with checkpoints at steps 2 and 4 (copied per test)."""
+    out = tmp_path_factory.mktemp("mousse-run")
+    trainer = run(out, text_file)
+    return out, trainer.optimizer.optimizer.state_dict()
+
+
+@pytest.fixture
+def run_dir(tmp_path, checkpoints):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpoints[0], out)
+    return out
+
+
+def inner(trainer):
+    return trainer.optimizer.optimizer
+
+
+def test_trainer_resume_applies_changed_settings_and_logs_them(run_dir, text_file, caplog):
+    """The issue's case: --optim_args refresh_every=3,alpha=0.5 and --weight_decay 0.5 on resume."""
+    with caplog.at_level("WARNING", logger="hf_mousse"):
+        trainer = run(run_dir, text_file, optim_args="refresh_every=3,alpha=0.5", weight_decay=0.5,
+                      max_steps=5, resume=run_dir / "checkpoint-4")
+    matrix = [g for g in inner(trainer).param_groups if g["role"] == "matrix"]
+    assert all((g["refresh_every"], g["alpha"], g["weight_decay"]) == (3, 0.5, 0.5) for g in matrix)
+    logged = " | ".join(r.getMessage() for r in caplog.records)
+    for change in ("refresh_every was 10 when saved and is 3 now",
+                   "alpha was 0.125 when saved and is 0.5 now",
+                   "weight_decay was 0.1 when saved and is 0.5 now"):
+        assert change in logged
+
+
+def test_trainer_resume_with_another_learning_rate_is_refused(run_dir, text_file):
+    with pytest.raises(CheckpointError, match=r"peak learning rate 0\.001: the state was saved with 0\.003"):
+        run(run_dir, text_file, learning_rate=1e-3, max_steps=5, resume=run_dir / "checkpoint-4")
+
+
+# ---------------------------------------------------------------------------- 3. a stock optimizer
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_a_stock_optimizer_cannot_resume_our_checkpoint(run_dir, text_file, optim):
+    """transformers would find no optimizer.pt, skip optimizer and scheduler, and restart the LR
+    schedule: refused, with the way out."""
+    with pytest.raises(CheckpointError, match=rf"cannot resume from .*checkpoint-4 with .*optim='{optim}'.*"
+                                              r"written by hf_mousse's Mousse.*--optim mousse.*or delete "
+                                              r"optimizer.safetensors and scheduler.pt"):
+        run(run_dir, text_file, optim=optim, max_steps=6, resume=run_dir / "checkpoint-4")
+
+
+# ---------------------------------------------------------------------------- 4. files of other steps
+def test_an_optimizer_file_from_another_step_is_refused(run_dir, text_file):
+    import shutil
+
+    shutil.copy(run_dir / "checkpoint-2" / "optimizer.safetensors", run_dir / "checkpoint-4")
+    with pytest.raises(CheckpointError, match=r"written at global step 2 but the checkpoint is at step 4"):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+
+
+def test_a_scheduler_from_another_save_is_refused(run_dir, text_file):
+    """An interrupted save that replaced the scheduler but not the optimizer file (or a copy)."""
+    import shutil
+
+    shutil.copy(run_dir / "checkpoint-2" / "scheduler.pt", run_dir / "checkpoint-4")
+    with pytest.raises(CheckpointError, match=r"scheduler.pt is not the file saved together with"):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+
+
+# ---------------------------------------------------------------------------- 7. legacy optimizer.pt
+def _legacy(checkpoint, state_dict):
+    (checkpoint / "optimizer.safetensors").unlink()
+    torch.save(state_dict, checkpoint / "optimizer.pt")
+
+
+def test_a_legacy_optimizer_pt_of_ours_resumes(run_dir, text_file, checkpoints):
+    """optimizer.pt written by torch.save before registration: it loads, through the same checks."""
+    _legacy(run_dir / "checkpoint-4", checkpoints[1])
+    trainer = run(run_dir, text_file, max_steps=5, resume=run_dir / "checkpoint-4")
+    assert trainer.state.global_step == 5
+
+
+def test_a_legacy_optimizer_pt_of_another_optimizer_is_refused(run_dir, text_file):
+    """A Muon state (the same parameters and groups) in a Mousse resume failed at the first step
+    with KeyError: 'sides'; an AdamW one (other groups) is refused as well."""
+    from helpers import tiny_gpt2
+
+    from hf_mousse import Muon
+
+    model = tiny_gpt2()
+    muon = Muon.for_model(model)
+    x = torch.arange(16).reshape(2, 8) % 256
+    model(x, labels=x).loss.backward()
+    muon.step()
+    _legacy(run_dir / "checkpoint-4", muon.state_dict())
+    message = r"optimizer.pt: the state was saved by 'Muon' but the optimizer is Mousse"
+    with pytest.raises(CheckpointError, match=message + r".*delete optimizer.pt and scheduler.pt"):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    torch.save(adamw.state_dict(), run_dir / "checkpoint-4" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: the saved state has param groups of sizes"):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+
+
+# ---------------------------------------------------------------------------- 8. smaller
+def test_a_truncated_scheduler_is_a_checkpoint_error(run_dir, text_file, checkpoints):
+    """Was a raw RuntimeError from torch's zip reader. With our optimizer file its recorded digest
+    catches it; beside a legacy optimizer.pt the load itself is wrapped."""
+    path = run_dir / "checkpoint-4" / "scheduler.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"scheduler.pt is not the file saved together"):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+    _legacy(run_dir / "checkpoint-4", checkpoints[1])
+    message = r"scheduler.pt is not readable \(RuntimeError.*truncated or corrupted"
+    with pytest.raises(CheckpointError, match=message):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_on_the_next_save(tmp_path):
+    """A hard kill between creating the temporary file and the rename leaves it behind; the next save
+    of the same file deletes it, and nothing else."""
+    model = small_model()
+    orphans = [tmp_path / f".optimizer.safetensors.{'0123456789abcdef' * 2}.tmp",
+               tmp_path / f".optimizer.safetensors.{'f' * 32}.tmp"]
+    others = [tmp_path / f".scheduler.pt.{'0' * 32}.tmp", tmp_path / ".optimizer.safetensors.mine.tmp",
+              tmp_path / "notes.txt"]
+    for f in orphans + others:
+        f.write_bytes(b"partial")
+    save_optimizer(stepped(model), str(tmp_path / "optimizer.safetensors"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["optimizer.safetensors", *(f.name for f in others)])
