@@ -374,6 +374,12 @@ def test_a_legacy_optimizer_pt_of_another_optimizer_is_refused(run_dir, text_fil
     message = r"optimizer.pt: the state was saved by 'Muon' but the optimizer is Mousse"
     with pytest.raises(CheckpointError, match=message + r".*delete optimizer.pt and scheduler.pt"):
         run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
+    unmarked = muon.state_dict()
+    del unmarked["hf_mousse_optimizer"]  # as an earlier hf_mousse wrote it: its groups tell
+    torch.save(unmarked, run_dir / "checkpoint-4" / "optimizer.pt")
+    message = r"optimizer.pt: cannot resume group .*: the saved group has no refresh_schedule.*another"
+    with pytest.raises(CheckpointError, match=message):
+        run(run_dir, text_file, max_steps=6, resume=run_dir / "checkpoint-4")
     adamw = torch.optim.AdamW(model.parameters())
     adamw.step()
     torch.save(adamw.state_dict(), run_dir / "checkpoint-4" / "optimizer.pt")

@@ -422,6 +422,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
             old, new = values.get(key, _ABSENT), current.get(key, _ABSENT)
             if _plain(old) == _plain(new):
                 group[key] = new
+            elif key in self.state_keys_of_group and old is _ABSENT:
+                raise CheckpointError(f"cannot resume {label}: the saved group has no {key} (this "
+                                      f"optimizer's is {new!r}): the state was saved by another optimizer")
             elif key in self.state_keys_of_group:
                 raise CheckpointError(
                     f"cannot resume {label} with {key}={_shown(new)}: the state was saved with "
