@@ -29,6 +29,8 @@ from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_grou
 from .state_keys import EXP_AVG, MOMENTUM, STEP
 from .weight_decay import SCHEDULES, decay_shrink
 
+logger = logging.getLogger(__name__)  # resume warnings (hf_mousse.optim.base)
+
 ADJUST_LR = ("original", "match_rms_adamw", "spectral_norm", None)
 NS_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 NONFINITE = ("raise", "skip", "ignore")
@@ -80,7 +82,6 @@ def _group_label(group: dict) -> str:
     return f"group {name!r}" if name else f"role={group.get('role')!r}"
 
 
-logger = logging.getLogger(__name__)
 _ABSENT = object()  # a key missing from a param group
 
 
@@ -476,8 +477,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not st:
             return
         what = f"the saved state of {name!r}" if name else f"the saved state of a {tuple(p.shape)} parameter"
-        expected = {k: v for k, v in self._fresh_state(torch.empty_like(p, device="meta"), group).items()
-                    if isinstance(v, torch.Tensor)}
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")  # (a DTensor's global shape)
+        expected = {k: v for k, v in self._fresh_state(meta, group).items() if isinstance(v, torch.Tensor)}
         counters = self._counters(group)
         keys = expected.keys() | counters.keys()
         if st.keys() != keys:
