@@ -785,8 +785,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """The gate of the bucket's weight writes: the step's finite flag and "every block's update is
         finite" (no host read). A non-finite update from finite gradients (a numerical failure) leaves
         the bucket's weights as they were; it is counted per block, on the device, for
-        :meth:`check_finite`. The scalar path needs no such gate: its updates (AdamW's m / (sqrt(v) +
-        eps), Lion's signs) are finite whenever its gradients and moments are."""
+        :meth:`check_finite`. The scalar path is not gated: Lion's updates are signs, and AdamW's
+        m / (sqrt(v) + eps) is at most |m| / scalar_eps in size, finite for finite moments."""
         if not self._gate.active:
             return self._gate
         finite = torch.isfinite(torch.linalg.vector_norm(update, math.inf, dim=(-2, -1)))  # per block
