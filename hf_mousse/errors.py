@@ -19,6 +19,10 @@ class NonFiniteGradientError(HfMousseError, RuntimeError):
     """A gradient holds inf or NaN and the optimizer was told to refuse it."""
 
 
+class NonFiniteUpdateError(HfMousseError, RuntimeError):
+    """A step computed an inf/NaN update from finite gradients (a numerical failure); it was not applied."""
+
+
 class CheckpointError(HfMousseError, ValueError):
     """An optimizer checkpoint is unreadable, corrupted, or belongs to another model or optimizer."""
 

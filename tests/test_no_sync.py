@@ -8,7 +8,8 @@ synchronises, so the guard is that every tensor-to-host method raises during ``s
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import math
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 import hf_mousse
 from hf_mousse import MiMuon, Mousse, Muon
-from hf_mousse.errors import NonFiniteGradientError
+from hf_mousse.errors import NonFiniteGradientError, NonFiniteUpdateError
 
 hf_mousse.register()
 
@@ -241,6 +242,72 @@ def test_huge_but_finite_low_precision_gradients_are_finite():
         assert not torch.equal(params[1], before[1]), dtype  # the step ran
         if dtype == torch.float16:  # (bf16 1e38: Newton-Schulz's own fp32 norm overflows; not our concern)
             assert not torch.equal(params[0], before[0])
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ids)
+def test_a_nonfinite_update_is_never_written_and_is_reported_as_such(cls):
+    """Finite gradients, but Newton-Schulz coefficients that diverge (finite, so accepted): every
+    matrix update is inf/NaN. Under nonfinite="raise" no matrix weight changes (not even by weight
+    decay), the scalar path still steps, step() reads nothing from the device, and the error names
+    the update, not the gradient."""
+    params = make_params()
+    opt = cls(named(params), lr=0.02, weight_decay=0.1, ns=[(1e20, 1e20, 1e20)], ns_steps=5)
+    if cls is MiMuon:
+        opt.param_groups[0]["gap_threshold"] = 0.0  # every block on the Muon (Newton-Schulz) branch
+    weights = [p.detach().clone() for p in params]
+    set_grads(params, 1)
+    with no_host_reads() if cls is not MiMuon else nullcontext():  # MiMuon reads at its gap tests
+        opt.step()
+    assert all(same_bits(params[i].detach(), weights[i]) for i in (0, 1, 2, 4))  # the matrices
+    assert not torch.equal(params[3], weights[3])  # the vector (scalar path)
+    message = r"non-finite update .* in w0, w1, w2, w4 \(1 step\(s\).*finite gradients.*not of the data"
+    with pytest.raises(NonFiniteUpdateError, match=message) as info:
+        opt.check_finite()
+    assert "non-finite gradient" not in str(info.value)
+    stats = opt.stats()
+    assert stats["nonfinite_updates"] == 1 and stats["nonfinite_skips"] == 0
+
+
+def test_only_the_bucket_with_a_nonfinite_update_is_withheld(monkeypatch):
+    """Newton-Schulz fails (NaN) for the 12 x 8 matrix only: w1 keeps its weights and is named; the
+    8 x 12 bucket (w0, w2 and the experts w4) updates as usual in the same step."""
+    params = make_params()
+    opt = Muon(named(params), lr=0.02)
+    real = Muon.orthogonalize
+
+    def fails_for_12x8(self, group, x):
+        out = real(self, group, x)
+        return out * math.nan if tuple(x.shape[-2:]) == (12, 8) else out
+
+    monkeypatch.setattr(Muon, "orthogonalize", fails_for_12x8)
+    weights = [p.detach().clone() for p in params]
+    set_grads(params, 1)
+    opt.step()
+    assert same_bits(params[1].detach(), weights[1])
+    assert all(not torch.equal(params[i], weights[i]) for i in (0, 2, 3, 4))
+    with pytest.raises(NonFiniteUpdateError, match=r"update \(inf or NaN\) in w1 \(1 step"):
+        opt.check_finite()
+    monkeypatch.setattr(Muon, "orthogonalize", real)
+    set_grads(params, 2)
+    opt.step()
+    opt.check_finite()  # reported once; a good step raises nothing
+    assert not torch.equal(params[1], weights[1])
+
+
+def test_bad_gradient_and_bad_update_in_one_check():
+    """A non-finite gradient takes precedence (NonFiniteGradientError), and the message still tells
+    about the non-finite update of another step."""
+    params = make_params()
+    opt = Muon(named(params), lr=0.02, ns=[(1e20, 1e20, 1e20)])
+    set_grads(params, 1)
+    opt.step()  # finite gradients, non-finite updates
+    set_grads(params, 2)
+    params[0].grad[0, 0] = math.nan
+    opt.step()  # a non-finite gradient: not counted as a bad update as well
+    message = r"gradient .* in w0 \(1 step.*non-finite update .* \(1 step"
+    with pytest.raises(NonFiniteGradientError, match=message):
+        opt.check_finite()
+    assert opt.stats()["nonfinite_skips"] == 1 and opt.stats()["nonfinite_updates"] == 1
 
 
 # ---------------------------------------------------------------------------- Trainer

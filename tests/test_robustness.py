@@ -4,6 +4,7 @@ bf16 parameters with fp32 state, state_dict round trips, eigh failures."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -116,16 +117,83 @@ BAD_HYPERPARAMETERS = [
     (MiMuon, "gap_threshold", -1.0),
     (MiMuon, "gap_every", 0),
     (MiMuon, "sgd_scale", "auto"),
+    # issue 12: values that made NaN weights (or silently zero updates) ...
+    (Mousse, "eps", 1e-40),  # below float32's smallest normal number: 0 in the factors
+    (Mousse, "alpha", 5.0),
+    (Mousse, "alpha", math.nan),
+    (Muon, "lr", math.inf),
+    (Muon, "scalar_lr", math.inf),
+    (MiMuon, "sgd_lr_ratio", math.inf),
+    (MiMuon, "gap_threshold", math.nan),
+    (Muon, "ns", [(math.nan, 1.0, 1.0)]),
+    (Muon, "ns", 5),
+    (Muon, "ns_eps", math.inf),
+    (Muon, "ns_eps", 1e-50),
+    (Muon, "scalar_eps", 1e-50),
+    (Muon, "momentum", math.nan),
+    (Muon, "weight_decay", math.inf),
+    (Muon, "scalar_weight_decay", -1.0),
+    # ... values of the wrong kind, which raised a bare TypeError or were taken as numbers
+    (Mousse, "alpha", "0.1"),
+    (Mousse, "beta", "0.9"),
+    (Muon, "betas", 0.9),
+    (Muon, "betas", (0.9, True)),
+    (Muon, "lr", True),
+    (Mousse, "refresh_every", True),
+    (MiMuon, "gap_every", True),
+    (Muon, "ns_steps", True),
 ]
 
 
 @pytest.mark.parametrize(
-    "cls, key, value", BAD_HYPERPARAMETERS, ids=[f"{c.__name__}-{k}" for c, k, _ in BAD_HYPERPARAMETERS]
+    "cls, key, value", BAD_HYPERPARAMETERS, ids=[f"{c.__name__}-{k}={v!r}" for c, k, v in BAD_HYPERPARAMETERS]
 )
 def test_invalid_hyperparameters_name_the_parameter(cls, key, value):
     with pytest.raises(InvalidHyperparameterError, match=key) as info:
         cls(make_params(), **{key: value})
     assert isinstance(info.value, ValueError)
+
+
+def test_whitening_that_would_overflow_float32_is_refused():
+    """Mousse divides by eigenvalues >= eps raised to alpha on each side, twice: eps^(-2 alpha) is the
+    largest amplification of a direction, and it must leave float32 norms room (<= 1e12)."""
+    message = r"eps=1e-10.*eps\^\(-2 alpha\) <= 1e\+12 with alpha=1\.0"
+    with pytest.raises(InvalidHyperparameterError, match=message):
+        Mousse(make_params(), alpha=1.0, eps=1e-10)
+    Mousse(make_params(), alpha=0.5, eps=1e-10)  # the authors' class default eps: 1e10
+    Mousse(make_params(), alpha=1.0, eps=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-15, 1e-30])
+def test_a_tiny_eps_keeps_its_floor_in_float32(eps):
+    """The eigenvalue cleaning (lambda + max(0, -min lambda) + eps) loses eps in fp32 when the shift is
+    much larger (1e-7 + 1e-15 == 1e-7); the floor must still hold, or 0 ** -alpha gives inf updates.
+    A rank-deficient gradient (rank 2 of 8) makes the smallest eigenvalues ~0 up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 12, generator=g))]
+    opt = Mousse(params, lr=0.02, eps=eps, refresh_every=1)
+    before = params[0].detach().clone()
+    for _ in range(3):
+        params[0].grad = torch.randn(8, 2, generator=g) @ torch.randn(2, 12, generator=g)
+        opt.step()
+    opt.check_finite()  # no NonFiniteUpdateError
+    st = opt.state[params[0]]
+    for side in ("left", "right"):
+        assert st[f"kron_{side}_eigvals"].min() >= torch.tensor(eps, dtype=torch.float32)
+    assert torch.isfinite(params[0]).all() and not torch.equal(params[0], before)
+
+
+def test_overflowed_factors_are_counted():
+    """A finite gradient of 1e30 overflows G G^T in fp32: the factor holds inf from then on and its
+    eigenbasis is kept at every refresh. Under any nonfinite mode that is counted, not silent."""
+    for mode in ("ignore", "raise"):
+        params = make_params()[:1]
+        opt = Mousse(params, lr=0.02, refresh_every=1, nonfinite=mode)
+        for s in range(3):
+            set_grads(params, s, scale=1e30 if s == 1 else 1.0)
+            opt.step()
+        assert not torch.isfinite(opt.state[params[0]]["kron_left"]).all()
+        assert opt.stats()["eigh_nonfinite_factors"] == 4, mode  # two sides x refreshes at t = 2, 3
 
 
 def test_invalid_group_value_is_caught_too():

@@ -3,39 +3,56 @@
 Tensors are stored as ``state/<param name>/<key>`` in their own dtype (fp32 factors stay fp32).
 The header holds the format name and version, the optimizer class, every param group's
 hyperparameters with its parameter names, the non-tensor state (step counters), the optimizer's
-counters, library versions and a CRC32 of the tensor bytes. Loading matches by name and refuses
-anything that does not fit: another model, another optimizer, a truncated or corrupted file.
+counters, library versions and a SHA-256 digest of all of it: the header's other entries and every
+tensor's name, dtype, shape and bytes. The digest is verified before anything in the file is
+used, so a changed byte anywhere (a step counter, a hyperparameter, a tensor) is refused, never
+resumed. Loading then matches by name and the optimizer checks the groups and every state entry
+against its parameters (``SpectralOptimizer.load_state_dict``): another model, another optimizer, a
+truncated or corrupted file all fail with :class:`~hf_mousse.errors.CheckpointError` naming the file.
 Nothing here needs pickle, and files are written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import uuid
-import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..optim.state_keys import PARAM_SHAPED
 from ..version import library_versions
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "hf_mousse.optimizer"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 1: a CRC32 of the tensor bytes only (header unprotected)
+DIGEST = "sha256"  # the header entry holding the digest
 STATE_PREFIX = "state"  # tensors are stored as state/<param name>/<state key>
 _NOT_HYPERPARAMETERS = ("params", "param_names")
 
 
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete temporary files that :func:`atomic_path` left for ``name`` when a writer was killed
+    mid-write (nothing else has their name: a dot, the file name, 32 hex digits, ``.tmp``)."""
+    ours = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{32}}\.tmp")
+    for entry in os.listdir(directory):
+        if ours.fullmatch(entry):
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
+
+
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``."""
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``.
+    Temporary files a killed writer left for ``path`` are deleted first."""
     directory, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temporaries(directory, name)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
     # Created like open() would (0o666 minus umask), not mkstemp's private 0o600.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -82,11 +99,16 @@ def parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | N
     return out
 
 
-def _crc32(tensors: dict[str, torch.Tensor]) -> str:
-    crc = 0
+def _digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the header entries (canonical JSON, the digest itself left out) and of each tensor's
+    name, dtype, shape and bytes."""
+    header = {k: v for k, v in metadata.items() if k != DIGEST}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for key in sorted(tensors):
-        crc = zlib.crc32(tensors[key].reshape(-1).view(torch.uint8).numpy(), crc)
-    return f"{crc:08x}"
+        t = tensors[key]
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _tensor_key(name: str, key: str) -> str:
@@ -111,8 +133,22 @@ def _split_state(sd: dict, names: list[list[str]]) -> tuple[dict[str, torch.Tens
     return tensors, scalars, groups
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
-    """Write ``optimizer``'s full state to ``path`` (safetensors), atomically."""
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None, *,
+                   global_step: int | None = None, companions: tuple[str, ...] = ()) -> None:
+    """Write ``optimizer``'s full state to ``path`` (safetensors), atomically.
+
+    ``global_step`` (the Trainer's) and the digests of ``companions`` (files of the same checkpoint
+    written before this one, e.g. ``scheduler.pt``, by base name) are recorded, so that
+    :func:`load_optimizer` refuses a file from another step or beside another save's files."""
     sd = optimizer.state_dict()
     tensors, scalars, groups = _split_state(sd, parameter_names(optimizer, model))
     try:
@@ -124,11 +160,22 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
             "scalars": json.dumps(scalars),
             "stats": json.dumps(sd.get("hf_mousse_stats") or {}),
             "versions": json.dumps(library_versions()),
-            "crc32": _crc32(tensors),
+            "global_step": json.dumps(global_step),
+            "companions": json.dumps({os.path.basename(c): file_digest(c) for c in companions}),
         }
     except TypeError as e:
         raise CheckpointError(f"optimizer state holds a value the file header cannot store: {e}") from None
+    metadata[DIGEST] = _digest(metadata, tensors)
     atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+
+
+def saved_optimizer_name(path: str) -> str | None:
+    """The optimizer class named in an optimizer file's header (unverified: for messages), or None."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("optimizer")
+    except Exception:  # unreadable: the message goes without the name
+        return None
 
 
 def read_optimizer_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -149,11 +196,34 @@ def read_optimizer_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tens
                               f"(format={metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {metadata.get('format_version')!r}; this "
-                              f"hf_mousse reads version {FORMAT_VERSION}. Upgrade hf_mousse")
-    if _crc32(tensors) != metadata.get("crc32"):
-        raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupted. Resume from an "
-                              "earlier checkpoint")
+                              f"hf_mousse reads version {FORMAT_VERSION} (version 1, written by hf_mousse "
+                              "before 0.2, did not checksum its header). Resume with the hf_mousse that "
+                              "wrote it, or upgrade hf_mousse")
+    if _digest(metadata, tensors) != metadata.get(DIGEST):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted (its header or its tensor "
+                              "data changed after it was written). Resume from an earlier checkpoint")
     return metadata, tensors
+
+
+def _check_step_and_companions(path: str, metadata: dict[str, str], global_step: int | None) -> None:
+    saved_step = json.loads(metadata["global_step"])
+    if global_step is not None and saved_step != global_step:
+        raise CheckpointError(
+            f"{path} was written at global step {saved_step} but the checkpoint is at step {global_step} "
+            "(its trainer_state.json): the file comes from another step (copied, or left by an "
+            "interrupted save). Resume from a checkpoint whose files were saved together"
+        )
+    directory = os.path.dirname(path)
+    for name, digest in json.loads(metadata["companions"]).items():
+        other = os.path.join(directory, name)
+        if not os.path.isfile(other):
+            raise CheckpointError(f"{path} was saved together with {name}, which is missing from {directory}")
+        if file_digest(other) != digest:
+            raise CheckpointError(
+                f"{other} is not the file saved together with {path} (checksum differs): it comes from "
+                "another save (copied from another step, or left by an interrupted save) or is "
+                "corrupted. Resume from a checkpoint whose files were saved together"
+            )
 
 
 def _differences(expected: list[str], found: list[str]) -> str:
@@ -193,16 +263,6 @@ def _join_state(path: str, index: dict[str, int], tensors: dict[str, torch.Tenso
     return state
 
 
-def _check_shapes(path: str, state: dict[int, dict], params: list[torch.Tensor], names: list[str]) -> None:
-    for i, st in state.items():
-        for field in PARAM_SHAPED:
-            if field in st and tuple(st[field].shape) != tuple(params[i].shape):
-                raise CheckpointError(
-                    f"{path}: {names[i]!r} has {field} of shape {tuple(st[field].shape)} but the "
-                    f"parameter has shape {tuple(params[i].shape)}; the file is from a different model"
-                )
-
-
 def _state_dict_groups(saved_groups: list[dict]) -> list[dict]:
     """The header's groups as state_dict ``param_groups`` (parameters numbered in order)."""
     groups, start = [], 0
@@ -214,23 +274,28 @@ def _state_dict_groups(saved_groups: list[dict]) -> list[dict]:
     return groups
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None, *,
+                   global_step: int | None = None) -> None:
     """Restore ``optimizer`` from ``path`` written by :func:`save_optimizer`.
 
-    Raises :class:`~hf_mousse.errors.CheckpointError` (and leaves the optimizer untouched) when the
-    file is unreadable, from another optimizer class, or from a model whose trainable parameters,
-    grouping or shapes differ.
+    Raises :class:`~hf_mousse.errors.CheckpointError` naming ``path`` (and leaves the optimizer
+    untouched) when the file is unreadable or corrupted, from another optimizer class, or from a model
+    whose trainable parameters, grouping, shapes or dtypes differ; when ``global_step`` is given and
+    the file records another; when a companion file it records (``scheduler.pt``) is missing or not
+    the one written with it. Changed settings follow the resume rule (README "Checkpoints").
     """
     metadata, tensors = read_optimizer_file(path)
+    _check_step_and_companions(path, metadata, global_step)
     if metadata["optimizer"] != type(optimizer).__name__:
         raise CheckpointError(f"{path} holds {metadata['optimizer']} state but the optimizer is "
                               f"{type(optimizer).__name__}; resume with the optimizer that wrote it")
     names = parameter_names(optimizer, model)
     saved_groups = json.loads(metadata["param_groups"])
     _check_same_parameters(path, names, saved_groups)
-    flat_names = sum(names, [])
-    index = {n: i for i, n in enumerate(flat_names)}
+    index = {n: i for i, n in enumerate(sum(names, []))}
     state = _join_state(path, index, tensors, json.loads(metadata["scalars"]))
-    _check_shapes(path, state, [p for g in optimizer.param_groups for p in g["params"]], flat_names)
-    optimizer.load_state_dict({"state": state, "param_groups": _state_dict_groups(saved_groups),
-                               "hf_mousse_stats": json.loads(metadata["stats"]) or None})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": _state_dict_groups(saved_groups),
+                                   "hf_mousse_stats": json.loads(metadata["stats"]) or None})
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None

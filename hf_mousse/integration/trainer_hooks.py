@@ -2,8 +2,13 @@
 
 * ``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler``: the optimizer state goes
   to ``optimizer.safetensors`` (no ``optimizer.pt``), the scheduler to ``scheduler.pt``, both
-  written atomically; resuming from a checkpoint without our state is an error, never a silent
-  fresh start (transformers skips silently when ``optimizer.pt`` is missing).
+  written atomically, the optimizer file last, recording the global step and the scheduler file's
+  digest. Resuming is an error, never a silent fresh start or a mix of two saves, when the
+  checkpoint has no optimizer state (transformers skips silently when ``optimizer.pt`` is
+  missing), when its optimizer file belongs to another step (``trainer_state.json``) or another
+  ``scheduler.pt``, and when a checkpoint with our state is resumed by an optimizer that is not
+  ours (that check runs for every Trainer once hf_mousse is imported). Legacy ``optimizer.pt``
+  files of our optimizers load with the same state checks.
 * ``log``: ``eval_perplexity = exp(eval_loss)`` and, when enabled, optimizer diagnostics.
 * ``log`` and ``_save_checkpoint`` first call the optimizer's ``check_finite()``: ``step()`` never reads
   the device, so a step with a non-finite gradient (which changed nothing) is reported here, at the
@@ -23,8 +28,8 @@ import torch
 from ..errors import CheckpointError
 from ..metrics import perplexity_from_loss
 from ..optim.base import SpectralOptimizer
-from .checkpoint import OPTIMIZER_FILE, atomic_save, load_optimizer, save_optimizer
-from .config import NAMES, optim_name
+from .checkpoint import OPTIMIZER_FILE, atomic_save, load_optimizer, save_optimizer, saved_optimizer_name
+from .config import CONFIGS, NAMES, optim_name
 
 SCHEDULER_FILE = "scheduler.pt"
 LEGACY_OPTIMIZER_FILE = "optimizer.pt"
@@ -53,18 +58,43 @@ def _save(self, output_dir: str, original) -> None:
     if opt is None or not _plain_engine(self):
         return original(self, output_dir)
     if self.args.should_save:
-        save_optimizer(opt, os.path.join(output_dir, OPTIMIZER_FILE), self.model)
+        # The scheduler first: the optimizer file, written last, records the step and the scheduler
+        # file's digest, so a save interrupted in between (or a file copied from another step) is
+        # refused on resume instead of mixing two steps' state.
+        sched_path = os.path.join(output_dir, SCHEDULER_FILE)
         state = self.lr_scheduler.state_dict()
-        atomic_save(lambda tmp: torch.save(state, tmp), os.path.join(output_dir, SCHEDULER_FILE))
+        atomic_save(lambda tmp: torch.save(state, tmp), sched_path)
+        save_optimizer(opt, os.path.join(output_dir, OPTIMIZER_FILE), self.model,
+                       global_step=self.state.global_step, companions=(sched_path,))
 
 
-def _checkpoint_files(checkpoint: str, opt: SpectralOptimizer) -> tuple[str, str] | None:
-    """(optimizer file, scheduler file) of ``checkpoint``; None for a legacy ``optimizer.pt`` checkpoint.
+def _refuse_foreign_optimizer(self, checkpoint: str) -> None:
+    """A checkpoint with our optimizer state resumed by an optimizer that is not ours (``--optim
+    adamw_torch`` on a Mousse checkpoint): transformers would find no ``optimizer.pt``, skip the
+    optimizer and the scheduler silently, and restart the LR schedule."""
+    path = os.path.join(checkpoint, OPTIMIZER_FILE)
+    if not os.path.isfile(path):
+        return
+    opt = inner_optimizer(self)
+    saved = saved_optimizer_name(path)
+    name = next((n for n, c in CONFIGS.items() if c.optimizer_cls.__name__ == saved), None)
+    raise CheckpointError(
+        f"cannot resume from {checkpoint} with {type(opt).__name__} (optim={optim_name(self.args)!r}): its "
+        f"optimizer state is {OPTIMIZER_FILE}, written by hf_mousse's {saved or 'optimizer'}, which "
+        f"{type(opt).__name__} cannot read, so its state would be dropped and the LR schedule restarted. "
+        f"Resume with the optimizer that wrote it{f' (--optim {name})' if name else ''}, or delete "
+        f"{OPTIMIZER_FILE} and {SCHEDULER_FILE} from the checkpoint to restart the optimizer deliberately "
+        "from these weights"
+    )
+
+
+def _checkpoint_files(checkpoint: str, opt: SpectralOptimizer) -> tuple[str, str]:
+    """(optimizer file: ours, else a legacy ``optimizer.pt``; scheduler file) of ``checkpoint``.
     Raises when the optimizer state or the scheduler is missing."""
     path = os.path.join(checkpoint, OPTIMIZER_FILE)
     if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(checkpoint, LEGACY_OPTIMIZER_FILE)):
-            return None  # written by torch.save before registration
+        path = os.path.join(checkpoint, LEGACY_OPTIMIZER_FILE)  # torch.save'd before registration
+    if not os.path.isfile(path):
         raise CheckpointError(
             f"cannot resume from {checkpoint}: it has no optimizer state ({OPTIMIZER_FILE}), so "
             f"{type(opt).__name__}'s momentum and factors and the LR schedule would restart from zero. "
@@ -73,21 +103,41 @@ def _checkpoint_files(checkpoint: str, opt: SpectralOptimizer) -> tuple[str, str
         )
     sched_path = os.path.join(checkpoint, SCHEDULER_FILE)
     if not os.path.isfile(sched_path):
-        raise CheckpointError(f"cannot resume from {checkpoint}: {OPTIMIZER_FILE} is there but "
+        raise CheckpointError(f"cannot resume from {checkpoint}: {os.path.basename(path)} is there but "
                               f"{SCHEDULER_FILE} is missing; the checkpoint is incomplete")
     return path, sched_path
 
 
+def _torch_load(path: str):
+    """``torch.load`` (weights only) of a checkpoint file, its failures as a CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, unpickling refused, ...: torch raises many types
+        raise CheckpointError(f"{path} is not readable ({type(e).__name__}: {str(e)[:200]}); it is truncated "
+                              "or corrupted. Resume from an earlier checkpoint") from None
+
+
 def _load(self, checkpoint: str | None, original) -> None:
+    if checkpoint is None:
+        return original(self, checkpoint)
     opt = ours(self)
-    if checkpoint is None or opt is None or not _plain_engine(self):
+    if opt is None:
+        _refuse_foreign_optimizer(self, checkpoint)
+    if opt is None or not _plain_engine(self):
         return original(self, checkpoint)
-    files = _checkpoint_files(checkpoint, opt)
-    if files is None:
-        return original(self, checkpoint)
-    path, sched_path = files
-    load_optimizer(opt, path, self.model)
-    self.lr_scheduler.load_state_dict(torch.load(sched_path, map_location="cpu", weights_only=True))
+    path, sched_path = _checkpoint_files(checkpoint, opt)
+    if path.endswith(OPTIMIZER_FILE):
+        # self.state is the checkpoint's trainer_state.json: transformers loads it before this hook.
+        load_optimizer(opt, path, self.model, global_step=self.state.global_step)
+    else:  # legacy optimizer.pt: no names, step or digest to check, but the same state checks
+        try:
+            opt.load_state_dict(_torch_load(path))
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{path}: {e}. If another optimizer wrote it, resume with that optimizer, or delete "
+                f"{LEGACY_OPTIMIZER_FILE} and {SCHEDULER_FILE} to restart the optimizer deliberately"
+            ) from None
+    self.lr_scheduler.load_state_dict(_torch_load(sched_path))
 
 
 def _check_finite(self) -> None:

@@ -6,14 +6,21 @@ updates (:meth:`SpectralOptimizer._bucket_update`) and what extra state a matrix
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate
 
 import torch
 
-from ..errors import InvalidHyperparameterError, NonFiniteGradientError, UnsupportedParameterError
+from ..errors import (
+    CheckpointError,
+    InvalidHyperparameterError,
+    NonFiniteGradientError,
+    NonFiniteUpdateError,
+    UnsupportedParameterError,
+)
 from . import scalar as scalar_path
 from .gate import NO_GATE, StepGate
 from .kronecker import EighStats
@@ -21,6 +28,8 @@ from .orthogonalize import newton_schulz, norm_safety_for, resolve_schedule
 from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_groups, to_blocks
 from .state_keys import EXP_AVG, MOMENTUM, STEP
 from .weight_decay import SCHEDULES, decay_shrink
+
+logger = logging.getLogger(__name__)  # resume warnings (hf_mousse.optim.base)
 
 ADJUST_LR = ("original", "match_rms_adamw", "spectral_norm", None)
 NS_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -52,6 +61,63 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise InvalidHyperparameterError(f"invalid {key}={value!r}: expected {expected}")
+
+
+def _is_real(v) -> bool:
+    """A finite int or float, not a bool (inf, NaN and True are never a valid hyperparameter)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The smallest floor (eps) that holds in the fp32 state: float32's smallest normal number.
+MIN_FLOOR = torch.finfo(torch.float32).tiny
+
+
+def _is_int(v) -> bool:
+    """An int, not a bool (True is an int to Python, never a step count or a period here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _group_label(group: dict) -> str:
+    name = group.get("group_name")
+    return f"group {name!r}" if name else f"role={group.get('role')!r}"
+
+
+_ABSENT = object()  # a key missing from a param group
+
+
+def _plain(v):
+    """``v`` with tuples as lists (a value read back from JSON compares equal to the one written)."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _shown(v) -> str:
+    return "(absent)" if v is _ABSENT else repr(v)
+
+
+def _log_changes(changes: list[tuple[tuple, str]]) -> None:
+    """One warning per changed setting: saved and requested value, the groups, what applies."""
+    by_change: dict[tuple, list[str]] = defaultdict(list)
+    for (key, old, new, applies), label in changes:
+        by_change[(key, _shown(old), _shown(new), applies)].append(label)
+    for (key, old, new, applies), labels in by_change.items():
+        logger.warning("resuming with a changed setting: %s was %s when saved and is %s now (%s); %s",
+                       key, old, new, ", ".join(labels), applies)
+
+
+STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "eigh_nonfinite_factors", "nonfinite_skips",
+         "nonfinite_updates")
+
+
+def _checked_stats(stats) -> dict[str, int] | None:
+    """The saved :meth:`SpectralOptimizer.stats` (None when absent), each counter an int >= 0; counters
+    an earlier version did not keep are 0."""
+    if stats is None:
+        return None
+    if not isinstance(stats, dict) or not set(stats) <= set(STATS) or not all(
+        _is_int(v) and v >= 0 for v in stats.values()
+    ):
+        raise CheckpointError(f"the saved optimizer counters {stats!r} are not {list(STATS)} as ints >= 0")
+    return {k: stats.get(k, 0) for k in STATS}
 
 
 @dataclass
@@ -98,6 +164,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
     # authors' rounding: they cast the momentum to bf16 before rotating it (ALGORITHMS.md b.3,
     # steps 3 and 6); for Muon it is the cast NS would do anyway, done once while stacking.
     stack_in_ns_dtype = True
+    # Group keys that define which state entries a parameter has, or their shapes: a resume may not
+    # change them (load_state_dict refuses). Subclasses add their own.
+    state_keys_of_group: tuple[str, ...] = ("role", "layout", "split", "scalar_optimizer")
 
     def __init__(
         self,
@@ -119,10 +188,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.eigh_stats = EighStats()
         self.nonfinite_skips = 0
+        self.nonfinite_updates = 0
         # nonfinite="raise": per parameter, a device counter of its non-finite steps not yet reported,
         # and per device a counter of such steps; read by check_finite(), never by step().
         self._nonfinite_params: dict[torch.Tensor, torch.Tensor] = {}
         self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
+        # ... and for non-finite updates (from finite gradients): per bucket, the owner of each block
+        # and a device counter per block; per device a counter of steps with any; this step's flags.
+        self._update_rows: dict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._update_steps: dict[torch.device, torch.Tensor] = {}
+        self._step_update_flags: list[torch.Tensor] = []
         self._nonfinite_unchecked = False  # a gated step ran since the last check_finite()
         self._gate = NO_GATE  # the running step's finite flag (see gate.py)
         self.diagnostics_enabled = False  # see diagnostics(); off costs nothing
@@ -132,7 +207,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self._stacks: dict[str, dict[frozenset, tuple[torch.Tensor, list[torch.Tensor]]]] = defaultdict(dict)
         shared = dict(ns_dtype=ns_dtype, weight_decay_schedule=weight_decay_schedule,
                       scalar_optimizer=scalar_optimizer, scalar_lr=scalar_lr,
-                      scalar_weight_decay=scalar_weight_decay, betas=tuple(betas), scalar_eps=scalar_eps)
+                      scalar_weight_decay=scalar_weight_decay, scalar_eps=scalar_eps,
+                      betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas)  # else refused
         super().__init__(params, {**shared, **defaults})
 
     @classmethod
@@ -194,17 +270,22 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, g: dict) -> None:
         _check(g["role"] in ("matrix", "scalar"), "role", g["role"], "'matrix' or 'scalar'")
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "scalar_weight_decay"):
             v = g[key]
-            _check(isinstance(v, (int, float)) and v >= 0, key, v, "a float >= 0")
-        _check(g["scalar_eps"] > 0, "scalar_eps", g["scalar_eps"], "a float > 0")
+            _check(_is_real(v) and v >= 0, key, v, "a finite float >= 0")
+        v = g["scalar_lr"]
+        _check(v is None or (_is_real(v) and v >= 0), "scalar_lr", v, "None or a finite float >= 0")
+        for key in ("scalar_eps", "ns_eps"):
+            v = g[key]
+            _check(_is_real(v) and v >= MIN_FLOOR, key, v, f"a finite float >= {MIN_FLOOR:.3g} (float32's "
+                   "smallest normal number: a smaller one is 0 in float32, and 0 / 0 follows)")
         m = g["momentum"]
-        _check(isinstance(m, (int, float)) and 0 <= m < 1, "momentum", m, "a float in [0, 1)")
+        _check(_is_real(m) and 0 <= m < 1, "momentum", m, "a float in [0, 1)")
         _check(isinstance(g["nesterov"], bool), "nesterov", g["nesterov"], "True or False")
         b = g["betas"]
         _check(
-            isinstance(b, (tuple, list)) and len(b) == 2 and all(0 <= x < 1 for x in b),
-            "betas", b, "two floats in [0, 1)",
+            isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_real(x) and 0 <= x < 1 for x in b),
+            "betas", b, "two floats in [0, 1), e.g. (0.9, 0.95)",
         )
         _check(g["scalar_optimizer"] in scalar_path.SCALAR_OPTIMIZERS, "scalar_optimizer",
                g["scalar_optimizer"], f"one of {scalar_path.SCALAR_OPTIMIZERS}")
@@ -212,10 +293,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
                g["weight_decay_schedule"], f"one of {SCHEDULES}")
         _check(g["adjust_lr"] in ADJUST_LR, "adjust_lr", g["adjust_lr"], f"one of {ADJUST_LR}")
         _check(g["ns_dtype"] in NS_DTYPES, "ns_dtype", g["ns_dtype"], f"one of {NS_DTYPES}")
-        _check(g["ns_eps"] > 0, "ns_eps", g["ns_eps"], "a float > 0")
         steps = g["ns_steps"]
-        _check(steps is None or (isinstance(steps, int) and steps >= 1), "ns_steps", steps,
-               "None or an int >= 1")
+        _check(steps is None or (_is_int(steps) and steps >= 1), "ns_steps", steps, "None or an int >= 1")
         try:
             resolve_schedule(g["ns"], steps)
         except ValueError as e:
@@ -223,7 +302,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if g["role"] == "matrix":
             _check(g["layout"] in LAYOUTS, "layout", g["layout"], f"one of {LAYOUTS}")
             split = g["split"]
-            _check(isinstance(split, int) and split >= 1, "split", split, "an int >= 1")
+            _check(_is_int(split) and split >= 1, "split", split, "an int >= 1")
             names = g.get("param_names") or [None] * len(g["params"])
             for name, p in zip(names, g["params"]):
                 what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
@@ -257,52 +336,192 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.check_finite()
         sd = super().state_dict()
         sd["hf_mousse_stats"] = self.stats()
+        sd["hf_mousse_optimizer"] = type(self).__name__
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Like torch's, but state tensors keep their saved dtype (torch would cast fp32 factors
-        and moments of a bf16 parameter to bf16) and are copied, not aliased."""
+        """Like torch's, but checked first and exact: nothing changes when a check fails.
+
+        The saved param groups must match this optimizer's (count, sizes, parameter names where both
+        have them) and pass the same validation as constructed groups; changed settings follow the
+        resume rule of :meth:`_resumed_group` (each change is logged as a warning); every parameter's
+        state must have exactly the entries a fresh state would have, each tensor with the shape and
+        dtype of a fresh one (:meth:`_check_state`). Raises :class:`~hf_mousse.errors.CheckpointError`. State
+        tensors keep their saved dtype (torch would cast fp32 factors and moments of a bf16 parameter
+        to bf16) and are copied, not aliased."""
         state_dict = dict(state_dict)
+        saved_cls = state_dict.pop("hf_mousse_optimizer", type(self).__name__)
+        if saved_cls != type(self).__name__:
+            raise CheckpointError(f"the state was saved by {saved_cls!r} but the optimizer is "
+                                  f"{type(self).__name__}; resume with the optimizer that wrote it")
         saved_state = state_dict.pop("state")
-        stats = state_dict.pop("hf_mousse_stats", None)
-        super().load_state_dict({**state_dict, "state": {}})
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                chain.from_iterable(g["params"] for g in self.param_groups),
+        stats = _checked_stats(state_dict.pop("hf_mousse_stats", None))
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            raise CheckpointError(
+                f"the saved state has param groups of sizes {[len(g['params']) for g in saved_groups]} but "
+                f"this optimizer has {[len(g['params']) for g in self.param_groups]}: it was saved for "
+                "other parameters or another grouping"
             )
-        )
+        resumed = [self._resumed_group(s, g) for s, g in zip(saved_groups, self.param_groups)]
+        groups = [g for g, _ in resumed]
+        owners = {}  # saved parameter index -> (parameter, its resumed group, its name)
+        for s, g in zip(saved_groups, groups):
+            names = g.get("param_names") or [None] * len(g["params"])
+            owners.update(zip(s["params"], zip(g["params"], [g] * len(names), names)))
         for pid, st in saved_state.items():
-            if pid not in id_map:
-                raise InvalidHyperparameterError(
-                    f"optimizer state refers to parameter index {pid}, which the param groups do not have"
+            if pid not in owners:
+                raise CheckpointError(
+                    f"the saved state refers to parameter index {pid!r}, which the param groups do not have"
                 )
-            p = id_map[pid]
+            self._check_state(*owners[pid], st)
+        _log_changes([(change, _group_label(g)) for g, changes in resumed for change in changes])
+        saved_ids = [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)]
+        super().load_state_dict({**state_dict, "param_groups": saved_ids, "state": {}})
+        for pid, st in saved_state.items():
+            p = owners[pid][0]
             self.state[p] = {
                 k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
                 for k, v in st.items()
             }
-        if stats:
-            self.eigh_stats = EighStats(
-                stats["eigh_refreshes"], stats["eigh_fp64_retries"], stats["eigh_failures"]
-            )
+        if stats is not None:
+            self.eigh_stats = EighStats(stats["eigh_refreshes"], stats["eigh_fp64_retries"],
+                                        stats["eigh_failures"], stats["eigh_nonfinite_factors"])
             self.nonfinite_skips = stats["nonfinite_skips"]
+            self.nonfinite_updates = stats["nonfinite_updates"]
+
+    def _resumed_group(self, saved: dict, current: dict) -> tuple[dict, list[tuple]]:
+        """(the param group a resume continues with, its changed settings as (key, saved, requested,
+        what applies)) under the resume rule (README "Checkpoints"):
+
+        * the optimizer's hyperparameters (constructor keywords, ``group_name``): the requested value,
+          i.e. this optimizer's, applies; a change is returned for the log;
+        * keys that define the saved state's entries or shapes (:attr:`state_keys_of_group`): a
+          change is refused, because the saved state would not fit;
+        * the learning rate and keys an LR scheduler adds (``initial_lr``, ...): the saved value
+          (torch's rule; the schedule resumes from its own saved state). A changed peak learning
+          rate (``initial_lr``) is refused, since the resumed schedule would not apply it; a changed
+          ``lr`` without a recorded peak is kept as saved and returned for the log.
+
+        The saved values, as written, pass the same validation as a constructed group, and so does the
+        result. Raises :class:`CheckpointError`."""
+        names, saved_names = current.get("param_names"), saved.get("param_names")
+        if names is not None and saved_names is not None and list(names) != list(saved_names):
+            raise CheckpointError(
+                f"the saved param group holds {list(saved_names)[:5]} but this optimizer's holds "
+                f"{list(names)[:5]}: the state was saved for other parameters"
+            )
+        members = {"params": current["params"], **({"param_names": names} if names is not None else {})}
+        values = {k: v for k, v in saved.items() if k not in members}
+        label = _group_label({**current, **values})
+        self._validated({**current, **values, **members}, f"the saved param group ({label})")
+        ours = self.defaults.keys() | {"role", "layout", "split", "group_name", "low_rank_side"}
+        group, changes = dict(members), []
+        for key in sorted((values.keys() | current.keys()) - members.keys()):
+            old, new = values.get(key, _ABSENT), current.get(key, _ABSENT)
+            if _plain(old) == _plain(new):
+                group[key] = new
+            elif key in self.state_keys_of_group and old is _ABSENT:
+                raise CheckpointError(f"cannot resume {label}: the saved group has no {key} (this "
+                                      f"optimizer's is {new!r}): the state was saved by another optimizer")
+            elif key in self.state_keys_of_group:
+                raise CheckpointError(
+                    f"cannot resume {label} with {key}={_shown(new)}: the state was saved with "
+                    f"{key}={_shown(old)} and only fits that (its entries or shapes depend on it). Resume "
+                    f"with {key}={_shown(old)}, or start this optimizer afresh without the saved state"
+                )
+            elif key == "lr" or key not in ours:  # the LR schedule's
+                if key == "initial_lr" and new is not _ABSENT and old is not _ABSENT:
+                    raise CheckpointError(
+                        f"cannot resume {label} with peak learning rate {new!r}: the state was saved with "
+                        f"{old!r}, and the LR schedule resumes from its saved state, which keeps {old!r}. "
+                        f"Resume with learning rate {old!r}, or start optimizer and scheduler afresh"
+                    )
+                group[key] = old if old is not _ABSENT else new
+                if key == "lr" and "initial_lr" not in values and "initial_lr" not in current:
+                    changes.append((key, old, new, "the saved value applies (lr is schedule state)"))
+            else:
+                if new is not _ABSENT:
+                    group[key] = new
+                changes.append((key, old, new, "the requested value applies"))
+        self._validated(group, f"the resumed param group ({label})")
+        return group, changes
+
+    def _validated(self, group: dict, what: str) -> None:
+        try:
+            self._validate_group(group)
+        except (InvalidHyperparameterError, UnsupportedParameterError) as e:
+            raise CheckpointError(f"{what} is not valid: {e}") from None
+
+    def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
+        """A new parameter's state (step 0, initial tensors), without the counters dealt at the first
+        step; on ``p``'s device (a meta tensor gives the shapes and dtypes that loading checks)."""
+        st: dict = {STEP: 0}
+        if group["role"] == "scalar":
+            scalar_path.init_state(st, p, group["scalar_optimizer"], state_dtype(p))
+        else:
+            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
+            self._init_matrix_state(st, p, group)
+        return st
+
+    def _counters(self, group: dict) -> dict[str, int | None]:
+        """The non-tensor state entries of a parameter in ``group``: name -> exclusive upper bound
+        (None: unbounded). Every entry is an int >= 0, present in every non-empty state."""
+        return {STEP: None}
+
+    def _check_state(self, p: torch.Tensor, group: dict, name: str | None, st: dict) -> None:
+        """Raise :class:`CheckpointError` unless ``st`` is empty or has exactly the entries of a fresh
+        state of ``p`` in ``group``, tensors of the same shapes and dtypes, counters in range."""
+        if not st:
+            return
+        what = f"the saved state of {name!r}" if name else f"the saved state of a {tuple(p.shape)} parameter"
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")  # (a DTensor's global shape)
+        expected = {k: v for k, v in self._fresh_state(meta, group).items() if isinstance(v, torch.Tensor)}
+        counters = self._counters(group)
+        keys = expected.keys() | counters.keys()
+        if st.keys() != keys:
+            raise CheckpointError(
+                f"{what} has entries {sorted(st)} but {type(self).__name__} with this group's settings "
+                f"({_group_label(group)}) keeps {sorted(keys)} (missing: {sorted(keys - st.keys())}, "
+                f"unexpected: {sorted(st.keys() - keys)}): it was saved by another optimizer or with "
+                "other settings"
+            )
+        for key, fresh in expected.items():
+            v = st[key]
+            if not isinstance(v, torch.Tensor) or v.shape != fresh.shape or v.dtype != fresh.dtype:
+                found = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+                raise CheckpointError(
+                    f"{what}: {key} is {found} but the parameter (shape {tuple(p.shape)}, {p.dtype}) needs "
+                    f"{tuple(fresh.shape)} {fresh.dtype}: it was saved for a different model or dtype"
+                )
+        for key, bound in counters.items():
+            v = st[key]
+            if not _is_int(v) or v < 0 or (bound is not None and v >= bound):
+                raise CheckpointError(f"{what}: {key}={v!r} is not an int in [0, {bound or 'inf'})")
 
     def stats(self) -> dict[str, int]:
-        """Counters: eigenbasis refreshes and failures (Mousse), skipped non-finite steps. Calls
-        :meth:`check_finite` first (one device read if a step ran since the last check)."""
+        """Counters: eigenbasis refreshes, failures and refreshes of non-finite factors (Mousse),
+        skipped non-finite steps, withheld non-finite updates. Calls :meth:`check_finite` first (one
+        device read if a step ran since the last check)."""
         self.check_finite()
+        self.eigh_stats.settle()
         return {
             "eigh_refreshes": self.eigh_stats.refreshed,
             "eigh_fp64_retries": self.eigh_stats.fp64_retries,
             "eigh_failures": self.eigh_stats.failures,
+            "eigh_nonfinite_factors": self.eigh_stats.nonfinite_factors,
             "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_updates": self.nonfinite_updates,
         }
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteGradientError` if a step since the last check had a non-finite
         gradient, naming the parameters; those steps were counted in ``stats()["nonfinite_skips"]``
-        and changed no parameter and no optimizer tensor.
+        and changed no parameter and no optimizer tensor. Else raise :class:`NonFiniteUpdateError` if
+        a step computed a non-finite update from finite gradients (a numerical failure): the weights
+        of the matrices concerned were not changed (``stats()["nonfinite_updates"]`` counts such steps).
 
         With ``nonfinite="raise"`` (the default) ``step()`` never reads the device: it keeps the
         flags there, and this method reads them (one device-to-host copy, only if a step ran since
@@ -312,27 +531,51 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not self._nonfinite_unchecked:
             return
         self._nonfinite_unchecked = False
-        params = list(self._nonfinite_params)
-        counters = [self._nonfinite_params[p] for p in params] + list(self._nonfinite_steps.values())
+        grad_params = list(self._nonfinite_params)
+        rows = list(self._update_rows.values())
+        parts = ([self._nonfinite_params[p] for p in grad_params], list(self._nonfinite_steps.values()),
+                 [c for _, c in rows], list(self._update_steps.values()))
+        counters = [c for part in parts for c in part]
         dev = counters[0].device
-        values = torch.stack([c if c.device == dev else c.to(dev) for c in counters]).tolist()  # the read
-        bad = {id(p) for p, v in zip(params, values) if v}
-        if not bad:
+        flat = torch.cat([c.reshape(-1) if c.device == dev else c.reshape(-1).to(dev) for c in counters])
+        values = iter(flat.tolist())  # the read
+        bad_grads = {id(p) for p in grad_params if next(values)}
+        grad_steps = int(sum(next(values) for _ in parts[1]))
+        bad_updates = set()
+        for owners, _ in rows:
+            bad_updates.update(id(p) for p in owners if next(values))  # each block of each parameter
+        update_steps = int(sum(next(values) for _ in parts[3]))
+        if not (grad_steps or update_steps):
             return
-        steps = int(sum(values[len(params):]))
         torch._foreach_zero_(counters)
-        self.nonfinite_skips += steps
-        listed = ", ".join(
+        self.nonfinite_skips += grad_steps
+        self.nonfinite_updates += update_steps
+        message = []
+        if grad_steps:
+            message.append(
+                f"non-finite gradient (inf or NaN) in {self._names(bad_grads)} ({grad_steps} step(s) "
+                "since the last check); those steps updated no parameter and no optimizer state (they "
+                "are counted in stats()['nonfinite_skips']). Lower the learning rate, enable gradient "
+                "clipping or loss scaling, or pass nonfinite='skip' to skip such steps without raising."
+            )
+        if update_steps:
+            message.append(
+                f"non-finite update (inf or NaN) in {self._names(bad_updates)} ({update_steps} step(s) "
+                "since the last check), computed from finite gradients: a numerical failure of the "
+                "optimizer, not of the data. Those steps left the weights of these matrices (and of the "
+                "matrices of the same shape and group, updated with them) unchanged; the optimizer state "
+                "advanced (counted in stats()['nonfinite_updates']). Check the settings that shape the "
+                "update: explicit ns coefficients, ns_dtype, and for Mousse alpha and eps."
+            )
+        raise (NonFiniteGradientError if grad_steps else NonFiniteUpdateError)(" ".join(message))
+
+    def _names(self, ids: set[int]) -> str:
+        """The names (else shapes) of the parameters with these ids, in param-group order."""
+        return ", ".join(
             name or f"<parameter of shape {tuple(p.shape)}>"
             for g in self.param_groups
             for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))
-            if id(p) in bad
-        )
-        raise NonFiniteGradientError(
-            f"non-finite gradient (inf or NaN) in {listed} ({steps} step(s) since the last check); "
-            "those steps updated no parameter and no optimizer state (they are counted in "
-            "stats()['nonfinite_skips']). Lower the learning rate, enable gradient clipping or loss "
-            "scaling, or pass nonfinite='skip' to skip such steps without raising"
+            if id(p) in ids
         )
 
     # ------------------------------------------------------------------ step
@@ -364,8 +607,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
                     self._scalar_step(group, params)
                 else:
                     self._matrix_step(group, params)
+            if self._step_update_flags:  # count the step if any bucket's update was withheld
+                flags = self._step_update_flags
+                dev = flags[0].device
+                bad = torch.stack([f if f.device == dev else f.to(dev) for f in flags]).any()
+                if dev not in self._update_steps:
+                    self._update_steps[dev] = torch.zeros((), device=dev)
+                self._update_steps[dev].add_(bad)
         finally:
             self._gate = NO_GATE
+            self._step_update_flags = []
         return loss
 
     @staticmethod
@@ -417,7 +668,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                scalar_path.init_state(st, p, kind, state_dtype(p))
+                st.update(self._fresh_state(p, group))
             st[STEP] += 1
             states.append(st)
         grads = [p.grad if p.grad.dtype == s[EXP_AVG].dtype else p.grad.to(s[EXP_AVG].dtype)
@@ -468,9 +719,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             )
         st = self.state[p]
         if not st:
-            st[STEP] = 0
-            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
-            self._init_matrix_state(st, p, group)
+            st.update(self._fresh_state(p, group))
         st[STEP] += 1
         return st
 
@@ -519,16 +768,37 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return stack
 
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
-        """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout."""
+        """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout;
+        with nothing written on a non-finite step or when the update is not finite."""
         ps = bucket.params
-        self._gate.decay_(ps, shrink)
-        self._gate.mask_(update)  # zero on a non-finite step (the update is ours: a fresh stack)
+        gate = self._update_gate(bucket, update)
+        gate.decay_(ps, shrink)
+        gate.mask_(update)  # zero on a gated step (the update is ours: a fresh stack)
         layout = bucket.group["layout"]
         updates = [from_blocks(update[o : o + k], layout, p.shape)
                    for p, o, k in zip(ps, bucket.offsets, bucket.counts)]
         torch._foreach_add_(ps, updates, alpha=-lr)
         if self.diagnostics_enabled:
             self._record_update("matrix", [update], lr)
+
+    def _update_gate(self, bucket: Bucket, update: torch.Tensor) -> StepGate:
+        """The gate of the bucket's weight writes: the step's finite flag and "every block's update is
+        finite" (no host read). A non-finite update from finite gradients (a numerical failure) leaves
+        the bucket's weights as they were; it is counted per block, on the device, for
+        :meth:`check_finite`. The scalar path is not gated: Lion's updates are signs, and AdamW's
+        m / (sqrt(v) + eps) is at most |m| / scalar_eps in size, finite for finite moments."""
+        if not self._gate.active:
+            return self._gate
+        finite = torch.isfinite(torch.linalg.vector_norm(update, math.inf, dim=(-2, -1)))  # per block
+        ok = self._gate.flags(update.device)[0]
+        key = tuple(map(id, bucket.params))
+        if key not in self._update_rows:
+            owners = [p for p, k in zip(bucket.params, bucket.counts) for _ in range(k)]
+            self._update_rows[key] = (owners, torch.zeros(len(owners), device=update.device))
+        self._update_rows[key][1].add_(finite.logical_not() & ok)
+        all_finite = finite.all()
+        self._step_update_flags.append(all_finite.logical_not() & ok)
+        return StepGate(ok & all_finite)
 
     # ------------------------------------------------------------------ diagnostics
     def _record_update(self, role: str, updates: list[torch.Tensor], scale: float) -> None:

@@ -30,9 +30,10 @@ HELP: dict[str, str] = {
     "scalar_weight_decay": "weight decay of the scalar path",
     "betas": "betas of the scalar optimizer (AdamW moments, or Lion's interpolation and EMA)",
     "scalar_eps": "epsilon of the scalar AdamW",
-    "nonfinite": "what a step with an inf/NaN gradient does: raise (the step changes nothing; the error "
-                 "comes at the next check_finite(), stats() or Trainer log: step() never reads the device), "
-                 "skip (counted in stats(); one device read per step) or ignore",
+    "nonfinite": "what a step with an inf/NaN gradient does: raise (the step changes nothing, and a "
+                 "non-finite update is never applied either; the error comes at the next check_finite(), "
+                 "stats() or Trainer log: step() never reads the device), skip (counted in stats(); one "
+                 "device read per step) or ignore",
     # roles (param_groups)
     "split_fused": "orthogonalise fused projections (e.g. GPT-2 c_attn = Q, K, V) block by block",
     "embedding_lr": "learning rate of the token and position embeddings (None: the scalar path's)",

@@ -15,6 +15,20 @@ class EighStats:
     refreshed: int = 0  # matrices whose eigenbasis was recomputed
     fp64_retries: int = 0  # fp32 eigh failed and float64 succeeded
     failures: int = 0  # both failed: the old eigenbasis was kept
+    # Refreshes of a factor holding inf/NaN (an overflowed EMA, or a non-finite gradient under
+    # nonfinite="ignore"): the old eigenbasis was kept. Counted on the device; settle() reads it.
+    nonfinite_factors: int = 0
+    pending: torch.Tensor | None = None
+
+    def count_nonfinite(self, mask: torch.Tensor) -> None:
+        n = mask.sum()
+        self.pending = n if self.pending is None else self.pending + n.to(self.pending.device)
+
+    def settle(self) -> None:
+        """Add the device count to ``nonfinite_factors`` (one device read, if a refresh ran since)."""
+        if self.pending is not None:
+            self.nonfinite_factors += int(self.pending)
+            self.pending = None
 
 
 def gram(g: torch.Tensor, side: str) -> torch.Tensor:
@@ -48,9 +62,11 @@ def refresh_eigenbasis(
     """Recompute (in place) the eigenbasis of each normalised factor in the stack.
 
     ``bias_correction`` is 1 - beta**t (1 to disable). Steps: F / (1 - beta^t), scale to mean
-    eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps.
+    eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps
+    (and clamp at eps, which only rounding needs).
     A factor with zero (or non-finite) trace keeps its old basis: an all-zero gradient must not
-    produce NaN (the official code divides by the trace unguarded).
+    produce NaN (the official code divides by the trace unguarded). Non-finite ones are counted
+    (``stats.nonfinite_factors``): an overflowed factor stays overflowed, its basis frozen.
 
     One temporary of the factor's size (the damped, normalised copy) besides eigh's own: the scale
     is applied in one multiply and eps on the diagonal in place; results are selected into the
@@ -58,9 +74,11 @@ def refresh_eigenbasis(
     """
     d = factor.size(-1)
     trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
-    valid = torch.isfinite(trace) & (trace > torch.finfo(factor.dtype).tiny * d)
+    finite = torch.isfinite(trace)
+    valid = finite & (trace > torch.finfo(factor.dtype).tiny * d)
     if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
         valid = valid & apply
+    stats.count_nonfinite(finite.logical_not() if apply is None else finite.logical_not() & apply)
     # F / (1 - beta^t) * d / trace, as one scale; invalid entries become eps I so eigh never sees NaN
     # (their result is discarded below).
     scale = d / (torch.where(valid, trace, torch.ones_like(trace)) * bias_correction)
@@ -82,6 +100,9 @@ def refresh_eigenbasis(
     else:
         vals, vecs = result
     vals += torch.clamp(-vals.amin(dim=-1, keepdim=True), min=0.0) + eps
+    # The floor must hold in fp32 too: a shift >> eps absorbs eps (1e-7 + 1e-14 == 1e-7 in fp32) and
+    # leaves an eigenvalue of 0, whose negative power is inf. Exact arithmetic never clamps here.
+    vals.clamp_min_(eps)
     torch.where(valid[:, None], vals, eigvals, out=eigvals)
     torch.where(valid[:, None, None], vecs, eigvecs, out=eigvecs)
     stats.refreshed += f.size(0)

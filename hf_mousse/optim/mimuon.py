@@ -33,7 +33,7 @@ import math
 import torch
 
 from . import state_keys as keys
-from .base import Bucket, SpectralOptimizer, _check, is_due, lr_ratio
+from .base import Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
 from .roles import matrix_dims
 
@@ -98,11 +98,13 @@ class MiMuon(SpectralOptimizer):
 
     def _validate_algorithm(self, g: dict) -> None:
         _check(g["gap_rule"] in GAP_RULES, "gap_rule", g["gap_rule"], f"one of {GAP_RULES}")
-        _check(g["gap_threshold"] >= 0, "gap_threshold", g["gap_threshold"], "a float >= 0")
+        _check(_is_real(g["gap_threshold"]) and g["gap_threshold"] >= 0, "gap_threshold", g["gap_threshold"],
+               "a finite float >= 0")
         k = g["gap_every"]
-        _check(isinstance(k, int) and k >= 1, "gap_every", k, "an int >= 1")
+        _check(_is_int(k) and k >= 1, "gap_every", k, "an int >= 1")
         _check(g["sgd_scale"] in SGD_SCALES, "sgd_scale", g["sgd_scale"], f"one of {SGD_SCALES}")
-        _check(g["sgd_lr_ratio"] >= 0, "sgd_lr_ratio", g["sgd_lr_ratio"], "a float >= 0")
+        _check(_is_real(g["sgd_lr_ratio"]) and g["sgd_lr_ratio"] >= 0, "sgd_lr_ratio", g["sgd_lr_ratio"],
+               "a finite float >= 0")
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k = matrix_dims(p.shape, group["layout"], group["split"])[0]

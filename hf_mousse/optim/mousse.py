@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import state_keys as keys
-from .base import Bucket, SpectralOptimizer, _check, is_due, lr_ratio
+from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
 from .kronecker import gram, precondition, refresh_eigenbasis
 from .roles import matrix_dims
@@ -16,10 +16,13 @@ from .roles import matrix_dims
 SIDES = ("both", "left", "right")
 REFRESH_SCHEDULES = ("together", "staggered")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
+MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
 
 class Mousse(SpectralOptimizer):
     momentum_form = "heavy_ball"
+    # factors per side; staggered refresh phases in the state
+    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule")
 
     def __init__(
         self,
@@ -60,21 +63,28 @@ class Mousse(SpectralOptimizer):
         super().add_param_group(param_group)
 
     def _validate_algorithm(self, g: dict) -> None:
-        _check(g["alpha"] >= 0, "alpha", g["alpha"], "a float >= 0")
-        _check(0 <= g["beta"] < 1, "beta", g["beta"], "a float in [0, 1)")
+        a, eps = g["alpha"], g["eps"]
+        _check(_is_real(a) and 0 <= a <= 1, "alpha", a, "a float in [0, 1] (0 gives Muon; default 0.125)")
+        _check(_is_real(g["beta"]) and 0 <= g["beta"] < 1, "beta", g["beta"], "a float in [0, 1)")
         t = g["refresh_every"]
-        _check(isinstance(t, int) and t >= 1, "refresh_every", t, "an int >= 1")
+        _check(_is_int(t) and t >= 1, "refresh_every", t, "an int >= 1")
         _check(g["refresh_schedule"] in REFRESH_SCHEDULES, "refresh_schedule", g["refresh_schedule"],
                f"one of {REFRESH_SCHEDULES}")
-        _check(g["eps"] > 0, "eps", g["eps"], "a float > 0")
+        _check(_is_real(eps) and eps >= MIN_FLOOR, "eps", eps, f"a finite float >= {MIN_FLOOR:.3g} "
+               "(float32's smallest normal number: the eigenvalue floor must hold in the fp32 factors)")
+        # Whitening and unwhitening divide by eigenvalues >= eps raised to alpha, per side: a direction
+        # grows by up to eps^(-2 alpha), and the update's squared norm (m n such entries) must stay far
+        # below float32's 3.4e38.
+        _check(eps ** (-2 * a) <= MAX_AMPLIFICATION, "eps", eps,
+               f"eps^(-2 alpha) <= {MAX_AMPLIFICATION:.0e} with alpha={a!r} (here {eps ** (-2 * a):.1e}: "
+               "whitening would amplify a direction beyond what float32 norms hold); raise eps or lower "
+               "alpha")
         _check(isinstance(g["bias_correction"], bool), "bias_correction", g["bias_correction"], "a bool")
         _check(isinstance(g["grafting"], bool), "grafting", g["grafting"], "a bool")
         _check(g["sides"] in SIDES, "sides", g["sides"], f"one of {SIDES}")
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
-        if group["refresh_schedule"] == "staggered":
-            state[keys.REFRESH_PHASE] = self._refresh_phase(p, group["refresh_every"])
         for side in _SIDES[group["sides"]]:
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
@@ -82,6 +92,19 @@ class Mousse(SpectralOptimizer):
             # sees a zero gradient, where 0 ** -alpha would be inf.
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
             state[keys.kron_eigvecs(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+
+    def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
+        new = not self.state.get(p)
+        st = super()._matrix_state(group, p)
+        if new and group["refresh_schedule"] == "staggered":
+            st[keys.REFRESH_PHASE] = self._refresh_phase(p, group["refresh_every"])
+        return st
+
+    def _counters(self, group: dict) -> dict[str, int | None]:
+        counters = super()._counters(group)
+        if group["role"] == "matrix" and group["refresh_schedule"] == "staggered":
+            counters[keys.REFRESH_PHASE] = group["refresh_every"]  # a phase in [0, T)
+        return counters
 
     def _bucket_update(self, bucket: Bucket):
         group = bucket.group
@@ -133,7 +156,8 @@ class Mousse(SpectralOptimizer):
             load = [0.0] * period
             new = []
             for group in self.param_groups:
-                if group["refresh_schedule"] != "staggered" or group["refresh_every"] != period:
+                if (group["role"] != "matrix" or group["refresh_schedule"] != "staggered"
+                        or group["refresh_every"] != period):
                     continue
                 for q in group["params"]:
                     phase = self.state.get(q, {}).get(keys.REFRESH_PHASE)

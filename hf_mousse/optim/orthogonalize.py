@@ -6,6 +6,8 @@ same shape. Tall matrices are transposed so that the Gram matrix is always built
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Name -> per-iteration (a, b, c) schedule. A schedule shorter than the requested step count repeats
@@ -45,9 +47,13 @@ def resolve_schedule(ns, ns_steps: int | None) -> list[tuple[float, float, float
         base = list(NS_COEFFICIENTS[ns])
         steps = NS_DEFAULT_STEPS[ns] if ns_steps is None else ns_steps
     else:
-        base = [tuple(float(v) for v in t) for t in ns]
-        if not base or any(len(t) != 3 for t in base):
-            raise ValueError(f"ns must be a name or a non-empty sequence of (a, b, c) triples, got {ns!r}")
+        try:
+            base = [tuple(float(v) for v in t) for t in ns]
+        except (TypeError, ValueError):
+            base = []
+        if not base or any(len(t) != 3 or not all(math.isfinite(v) for v in t) for t in base):
+            raise ValueError(f"ns must be a name or a non-empty sequence of (a, b, c) triples of finite "
+                             f"numbers, got {ns!r}")
         steps = len(base) if ns_steps is None else ns_steps
     if steps < 1:
         raise ValueError(f"ns_steps must be >= 1, got {steps}")
