@@ -312,6 +312,7 @@ def main():
     args.steps = args.steps or size["steps"]
     if args.eval_every:
         size["eval_every"] = args.eval_every
+    commit = git_commit()  # the code this run starts from (HEAD may move while it runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = run_specs(args)
@@ -372,7 +373,7 @@ def main():
                               **summarize(label, runs_by_label[label], targets, baseline_steps))
     device = torch.device(args.device)
     report = dict(
-        benchmark="convergence", device=device_name(device), commit=git_commit(), load_average=loadavg(),
+        benchmark="convergence", device=device_name(device), commit=commit, load_average=loadavg(),
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
                       hf_mousse=hf_mousse.__version__, python=sys.version.split()[0]),
         config=config,
