@@ -196,9 +196,9 @@ def read_optimizer_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tens
                               f"(format={metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {metadata.get('format_version')!r}; this "
-                              f"hf_mousse reads version {FORMAT_VERSION} (version 1, written by hf_mousse "
-                              "before 0.2, did not checksum its header). Resume with the hf_mousse that "
-                              "wrote it, or upgrade hf_mousse")
+                              f"hf_mousse reads version {FORMAT_VERSION} (version 1, written by earlier "
+                              "hf_mousse code, did not checksum its header). Resume with the hf_mousse "
+                              "that wrote it, or upgrade hf_mousse")
     if _digest(metadata, tensors) != metadata.get(DIGEST):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted (its header or its tensor "
                               "data changed after it was written). Resume from an earlier checkpoint")
