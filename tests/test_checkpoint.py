@@ -90,7 +90,8 @@ def test_round_trip_is_exact_and_keeps_fp32_state(tmp_path, opt_cls):
     assert [p.name for p in tmp_path.iterdir()] == ["optimizer.safetensors"]  # no temporary file left
     fresh = opt_cls.for_model(model, lr=1e-3)
     load_optimizer(fresh, path)
-    assert fresh.stats() == opt.stats()
+    saved_stats = {k: v for k, v in opt.stats().items() if k != "matrix_updates"}  # since construction
+    assert fresh.stats() == {**saved_stats, "matrix_updates": 0}
     for p in opt.state:
         a, b = opt.state[p], fresh.state[p]
         assert a.keys() == b.keys()

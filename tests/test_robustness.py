@@ -284,7 +284,9 @@ def test_state_dict_round_trip_resumes_exactly(cls):
         opt2.step()
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
-    assert opt2.stats() == opt.stats()
+    since_construction = ("matrix_updates",)  # the rest is carried over by the checkpoint
+    assert ({k: v for k, v in opt2.stats().items() if k not in since_construction}
+            == {k: v for k, v in opt.stats().items() if k not in since_construction})
 
 
 def test_eigh_float64_retry_and_failure_keep_training(monkeypatch):

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..optim.base import SpectralOptimizer
 from ..version import library_versions
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -143,13 +144,23 @@ def file_digest(path: str) -> str:
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.Module | None = None, *,
-                   global_step: int | None = None, companions: tuple[str, ...] = ()) -> None:
+                   global_step: int | None = None, companions: tuple[str, ...] = (),
+                   write: bool | None = None) -> None:
     """Write ``optimizer``'s full state to ``path`` (safetensors), atomically.
 
     ``global_step`` (the Trainer's) and the digests of ``companions`` (files of the same checkpoint
     written before this one, e.g. ``scheduler.pt``, by base name) are recorded, so that
-    :func:`load_optimizer` refuses a file from another step or beside another save's files."""
+    :func:`load_optimizer` refuses a file from another step or beside another save's files.
+
+    An optimizer that splits its work over ranks (DDP, FSDP2) gathers its state with collectives:
+    call this on every rank. ``write`` says whether this rank writes the file (default: rank 0 of a
+    split optimizer, else True); the file is the same as one process would write, so it resumes at
+    any world size."""
     sd = optimizer.state_dict()
+    if write is None:
+        write = split_rank(optimizer) in (None, 0)
+    if not write:
+        return
     tensors, scalars, groups = _split_state(sd, parameter_names(optimizer, model))
     try:
         metadata = {
@@ -167,6 +178,13 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, model: torch.nn.
         raise CheckpointError(f"optimizer state holds a value the file header cannot store: {e}") from None
     metadata[DIGEST] = _digest(metadata, tensors)
     atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+
+
+def split_rank(optimizer: torch.optim.Optimizer) -> int | None:
+    """This process's rank if ``optimizer`` splits its work over ranks (its state_dict() is then a
+    collective), else None."""
+    world = optimizer.split_world() if isinstance(optimizer, SpectralOptimizer) else None
+    return None if world is None else torch.distributed.get_rank()
 
 
 def saved_optimizer_name(path: str) -> str | None:

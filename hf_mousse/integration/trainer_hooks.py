@@ -14,8 +14,9 @@
   the device, so a step with a non-finite gradient (which changed nothing) is reported here, at the
   next log or before the next checkpoint is started, whichever comes first.
 
-Only single-process and DDP checkpoints take the safetensors path; other engines keep
-transformers' own code (FSDP2 writes ``optimizer.bin`` through accelerate). How the optimizer is
+Single-process, DDP and FSDP2 checkpoints take the safetensors path (a split optimizer gathers its
+state from every rank; rank 0 writes one file in the single-process format, so a checkpoint resumes
+at any world size). How the optimizer is
 chosen and built is :mod:`.registry` and :mod:`.config`; :mod:`.registry` installs these hooks.
 """
 
@@ -49,23 +50,27 @@ def ours(trainer) -> SpectralOptimizer | None:
     return opt if isinstance(opt, SpectralOptimizer) else None
 
 
-def _plain_engine(trainer) -> bool:
-    return not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+def _our_engine(trainer) -> bool:
+    """One process, DDP or FSDP2 (DeepSpeed and FSDP1 are refused when the optimizer is built)."""
+    return not getattr(trainer, "is_deepspeed_enabled", False)
 
 
 def _save(self, output_dir: str, original) -> None:
     opt = ours(self)
-    if opt is None or not _plain_engine(self):
+    if opt is None or not _our_engine(self):
         return original(self, output_dir)
-    if self.args.should_save:
+    split = opt.split_world() is not None  # its state is gathered from every rank: all take part
+    if self.args.should_save or split:
         # The scheduler first: the optimizer file, written last, records the step and the scheduler
         # file's digest, so a save interrupted in between (or a file copied from another step) is
         # refused on resume instead of mixing two steps' state.
         sched_path = os.path.join(output_dir, SCHEDULER_FILE)
-        state = self.lr_scheduler.state_dict()
-        atomic_save(lambda tmp: torch.save(state, tmp), sched_path)
+        if self.args.should_save:
+            state = self.lr_scheduler.state_dict()
+            atomic_save(lambda tmp: torch.save(state, tmp), sched_path)
         save_optimizer(opt, os.path.join(output_dir, OPTIMIZER_FILE), self.model,
-                       global_step=self.state.global_step, companions=(sched_path,))
+                       global_step=self.state.global_step, companions=(sched_path,),
+                       write=self.args.should_save)
 
 
 def _refuse_foreign_optimizer(self, checkpoint: str) -> None:
@@ -123,7 +128,7 @@ def _load(self, checkpoint: str | None, original) -> None:
     opt = ours(self)
     if opt is None:
         _refuse_foreign_optimizer(self, checkpoint)
-    if opt is None or not _plain_engine(self):
+    if opt is None or not _our_engine(self):
         return original(self, checkpoint)
     path, sched_path = _checkpoint_files(checkpoint, opt)
     if path.endswith(OPTIMIZER_FILE):

@@ -21,6 +21,7 @@ from ..errors import (
     NonFiniteUpdateError,
     UnsupportedParameterError,
 )
+from . import distributed
 from . import scalar as scalar_path
 from .gate import NO_GATE, StepGate
 from .kronecker import EighStats
@@ -181,11 +182,19 @@ class SpectralOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         scalar_eps: float = 1e-8,
         nonfinite: str = "raise",
+        distributed: bool | None = None,
     ):
         """``defaults`` holds the algorithm's own hyperparameters (lr, momentum, NS settings, ...);
-        the keyword arguments here are the options every algorithm shares with the same default."""
+        the keyword arguments here are the options every algorithm shares with the same default.
+        ``distributed`` (not a hyperparameter: a checkpoint moves between world sizes) says whether the
+        matrix work is split over the ranks of torch.distributed's default group (see
+        :func:`.distributed.process_group_size`; None: when it has several ranks)."""
         _check(nonfinite in NONFINITE, "nonfinite", nonfinite, f"one of {NONFINITE}")
+        _check(distributed in (None, True, False), "distributed", distributed, "None, True or False")
         self.nonfinite = nonfinite
+        self.distributed = distributed
+        self.matrix_updates = 0  # matrix blocks whose update this rank computed (stats())
+        self._owners: tuple = ((), {})  # (signature of the matrix parameters, id(p) -> owner rank)
         self.eigh_stats = EighStats()
         self.nonfinite_skips = 0
         self.nonfinite_updates = 0
@@ -335,9 +344,52 @@ class SpectralOptimizer(torch.optim.Optimizer):
         never written over an unreported one."""
         self.check_finite()
         sd = super().state_dict()
-        sd["hf_mousse_stats"] = self.stats()
+        stats = {k: v for k, v in self.stats().items() if k in STATS}  # matrix_updates: since construction
+        world = self._world()
+        if world is not None:
+            sd["state"], stats = self._gathered_state(sd["state"], stats, world)
+        sd["hf_mousse_stats"] = stats
         sd["hf_mousse_optimizer"] = type(self).__name__
         return sd
+
+    def _indexed_params(self):
+        """(index in the state dict, parameter, its group), numbered as torch's state_dict numbers them."""
+        index = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                yield index, p, g
+                index += 1
+
+    def _gathered_state(self, state: dict, stats: dict, world: int) -> tuple[dict, dict]:
+        """The state one process would hold, on every rank (collectives: every rank calls this): each
+        matrix's state broadcast from its owner, sharded scalar state all-gathered, all on the CPU; the
+        eigh counters summed over the ranks (the others are the same on every rank). So the checkpoint
+        holds everything once, in the single-process format, and resumes at any world size."""
+        owners, me = self._owner_map(world), distributed.rank()
+        whole, counters = {}, {}
+        for i, p, g in self._indexed_params():
+            st = state.get(i)
+            if g["role"] == "scalar" and st:
+                whole[i] = {k: distributed.gather_shards(v, p).cpu() if isinstance(v, torch.Tensor) else v
+                            for k, v in st.items()}
+            elif g["role"] == "matrix" and st and owners[id(p)] == me:
+                counters[i] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        gathered = distributed.all_gather_objects((counters, stats))
+        source = {i: r for r, (held, _) in enumerate(gathered) for i in held}
+        for i, p, g in self._indexed_params():
+            if i not in source:
+                continue
+            src = source[i]
+            whole[i] = dict(gathered[src][0][i])
+            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            template = {k: t for k, t in self._fresh_state(meta, g).items() if isinstance(t, torch.Tensor)}
+            for k in sorted(template):  # the same order on every rank
+                t = template[k]
+                buf = (state[i][k].contiguous() if src == me
+                       else torch.empty(t.shape, dtype=t.dtype, device=distributed.local(p).device))
+                whole[i][k] = distributed.broadcast_(buf, src).cpu()
+        totals = {k: sum(s[k] for _, s in gathered) if k.startswith("eigh_") else v for k, v in stats.items()}
+        return whole, totals
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Like torch's, but checked first and exact: nothing changes when a check fails.
@@ -380,17 +432,31 @@ class SpectralOptimizer(torch.optim.Optimizer):
         _log_changes([(change, _group_label(g)) for g, changes in resumed for change in changes])
         saved_ids = [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)]
         super().load_state_dict({**state_dict, "param_groups": saved_ids, "state": {}})
+        world = self._world()
+        owner = self._owner_map(world) if world else {}
+        me = distributed.rank() if world else 0
         for pid, st in saved_state.items():
-            p = owners[pid][0]
-            self.state[p] = {
-                k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                for k, v in st.items()
-            }
+            p, g = owners[pid][0], owners[pid][1]
+            if owner.get(id(p), me) != me:
+                continue  # another rank's matrix: its owner keeps the state
+            self.state[p] = {k: self._placed(v, p, g) if isinstance(v, torch.Tensor) else v
+                             for k, v in st.items()}
         if stats is not None:
+            if me != 0:  # the saved eigh counters are totals over the ranks: rank 0 carries them on
+                stats.update({k: 0 for k in stats if k.startswith("eigh_")})
             self.eigh_stats = EighStats(stats["eigh_refreshes"], stats["eigh_fp64_retries"],
                                         stats["eigh_failures"], stats["eigh_nonfinite_factors"])
             self.nonfinite_skips = stats["nonfinite_skips"]
             self.nonfinite_updates = stats["nonfinite_updates"]
+
+    @staticmethod
+    def _placed(v: torch.Tensor, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """A saved (whole) state tensor as this rank keeps it: on ``p``'s device, a copy (never an alias
+        of the loaded file); for the scalar path of a sharded parameter, this rank's shard."""
+        v = v.to(device=distributed.local(p).device, copy=True)
+        if group["role"] == "scalar" and distributed.is_dtensor(p):
+            v = distributed.shard_like(v, p).clone()
+        return v
 
     def _resumed_group(self, saved: dict, current: dict) -> tuple[dict, list[tuple]]:
         """(the param group a resume continues with, its changed settings as (key, saved, requested,
@@ -460,9 +526,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
         step; on ``p``'s device (a meta tensor gives the shapes and dtypes that loading checks)."""
         st: dict = {STEP: 0}
         if group["role"] == "scalar":
-            scalar_path.init_state(st, p, group["scalar_optimizer"], state_dtype(p))
-        else:
-            st[MOMENTUM] = torch.zeros_like(p, dtype=state_dtype(p))
+            scalar_path.init_state(st, distributed.local(p), group["scalar_optimizer"], state_dtype(p))
+        else:  # whole matrices, also for a sharded (DTensor) parameter: its owner keeps its state
+            st[MOMENTUM] = torch.zeros(p.shape, dtype=state_dtype(p), device=distributed.local(p).device)
             self._init_matrix_state(st, p, group)
         return st
 
@@ -503,8 +569,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def stats(self) -> dict[str, int]:
         """Counters: eigenbasis refreshes, failures and refreshes of non-finite factors (Mousse),
-        skipped non-finite steps, withheld non-finite updates. Calls :meth:`check_finite` first (one
-        device read if a step ran since the last check)."""
+        skipped non-finite steps, withheld non-finite updates; ``matrix_updates``: the matrix blocks
+        (a fused projection split in k counts k) whose update this rank computed since construction
+        (summed over the ranks of a split run, matrices x steps). Under a split run the eigh counters
+        are this rank's too. Calls :meth:`check_finite` first (one device read if a step ran since
+        the last check)."""
         self.check_finite()
         self.eigh_stats.settle()
         return {
@@ -514,6 +583,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             "eigh_nonfinite_factors": self.eigh_stats.nonfinite_factors,
             "nonfinite_skips": self.nonfinite_skips,
             "nonfinite_updates": self.nonfinite_updates,
+            "matrix_updates": self.matrix_updates,
         }
 
     def check_finite(self) -> None:
@@ -600,7 +670,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             return loss
         if self.nonfinite == "raise" and work:
             self._gate = StepGate(self._finite_flag(work))
-            self._gate.zero_grads_([p.grad for _, params in work for p in params])
+            self._gate.zero_grads_([distributed.local(p.grad) for _, params in work for p in params])
         try:
             for group, params in work:
                 if group["role"] == "scalar":
@@ -627,10 +697,23 @@ class SpectralOptimizer(torch.optim.Optimizer):
         groups = defaultdict(list)
         for _, params in work:
             for p in params:
-                if p.grad.numel():
+                if p.grad.numel():  # a DTensor's global size: an empty shard still takes part below
                     groups[(p.grad.device, p.grad.dtype)].append(p)
         for ps in groups.values():
-            yield ps, torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in ps], math.inf)))
+            grads = [distributed.local(p.grad) for p in ps]
+            filled = [i for i, g in enumerate(grads) if g.numel()]  # an empty shard has no inf-norm
+            if len(filled) == len(grads):
+                norms = torch.stack(torch._foreach_norm(grads, math.inf))
+            else:
+                norms = torch.zeros(len(grads), device=grads[0].device, dtype=grads[0].dtype)
+                if filled:
+                    norms[filled] = torch.stack(torch._foreach_norm([grads[i] for i in filled], math.inf))
+            finite = torch.isfinite(norms)
+            if any(distributed.is_dtensor(p.grad) for p in ps):
+                # Each rank sees its shards only: the flags must be the whole gradient's, the same on
+                # every rank, so that all skip (or take) the same step. A collective, not a host read.
+                finite = distributed.all_reduce_sum_(finite.logical_not().float()) == 0
+            yield ps, finite
 
     def _grads_finite(self, work) -> bool:
         """Whether every gradient is finite: one host read (nonfinite="skip")."""
@@ -671,8 +754,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 st.update(self._fresh_state(p, group))
             st[STEP] += 1
             states.append(st)
-        grads = [p.grad if p.grad.dtype == s[EXP_AVG].dtype else p.grad.to(s[EXP_AVG].dtype)
-                 for p, s in zip(params, states)]
+        grads = [distributed.local(p.grad) for p in params]
+        grads = [g if g.dtype == s[EXP_AVG].dtype else g.to(s[EXP_AVG].dtype) for g, s in zip(grads, states)]
+        params = [distributed.local(p) for p in params]  # elementwise: a shard is updated on its own
         shrink = decay_shrink(group)
         if kind == "adamw":
             updates = scalar_path.adamw(params, grads, states, lr=group["lr"], betas=group["betas"],
@@ -700,6 +784,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
         )
 
     def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        world = self._world()
+        if world is not None:
+            return self._split_matrix_step(group, params, world)
         states = [self._matrix_state(group, p) for p in params]
         bufs = [s[MOMENTUM] for s in states]
         grads = [p.grad if p.grad.dtype == b.dtype else p.grad.to(b.dtype) for p, b in zip(params, bufs)]
@@ -707,7 +794,84 @@ class SpectralOptimizer(torch.optim.Optimizer):
         shrink = decay_shrink(group)
         for bucket in self._buckets(group, params, grads, states, directions):
             update, ratio = self._bucket_update(bucket)
+            self.matrix_updates += sum(bucket.counts)
             self._apply_update(bucket, update, group["lr"] * ratio, shrink)
+
+    # ------------------------------------------------------------------ the work split over ranks
+    def split_world(self) -> int | None:
+        """The number of ranks the matrix work is split over, or None (single-process behaviour). When
+        split, :meth:`state_dict` is a collective: call it on every rank."""
+        return distributed.process_group_size(self.distributed)
+
+    _world = split_world
+
+    def _block_cost(self, group: dict, m: int, n: int) -> float:
+        """Relative cost of one m x n block's update, to balance the ranks: Newton–Schulz, ~3 matmuls
+        of m x n by min(m, n) per iteration. Subclasses add their own work."""
+        return 3.0 * (group["ns_steps"] or 5) * m * n * min(m, n)
+
+    def _owner_map(self, world: int) -> dict[int, int]:
+        """id(matrix parameter) -> the rank that keeps its state and computes its update; the same on
+        every rank (it depends only on the param groups), recomputed when the parameters change
+        (accelerate swaps them for FSDP2's DTensors after the optimizer is built)."""
+        params = [(g, p) for g in self.param_groups if g["role"] == "matrix" for p in g["params"]]
+        signature = (world, tuple(id(p) for _, p in params))
+        if self._owners[0] != signature:
+            items = []
+            for g, p in params:
+                distributed.check_placement(p, None)
+                k, m, n = matrix_dims(p.shape, g["layout"], g["split"])
+                items.append(((id(g), m, n), k, self._block_cost(g, m, n)))
+            self._owners = (signature, dict(zip(signature[1], distributed.assign_owners(items, world))))
+        return self._owners[1]
+
+    def _split_matrix_step(self, group: dict, params: list[torch.Tensor], world: int) -> None:
+        """The matrix step with each parameter's update computed by its owner only: the owner advances
+        its momentum (and factors), computes the bucket's updates for the blocks it owns, one
+        all-gather per same-shape bucket shares them, and every rank applies all of them to its
+        weights (DDP: the whole matrix; FSDP2: its shard). Every rank runs the same collectives in the
+        same order: the buckets and their members are the same everywhere."""
+        owners, me = self._owner_map(world), distributed.rank()
+        grads = [distributed.full(p.grad) for p in params]  # FSDP2: all-gathered (a collective)
+        mine = [i for i, p in enumerate(params) if owners[id(p)] == me]
+        states = {i: self._matrix_state(group, params[i]) for i in mine}
+        directions = {}
+        if mine:
+            bufs = [states[i][MOMENTUM] for i in mine]
+            own_grads = [grads[i] if grads[i].dtype == b.dtype else grads[i].to(b.dtype)
+                         for i, b in zip(mine, bufs)]
+            directions = dict(zip(mine, self._update_momentum(group, bufs, own_grads)))
+        layout, split, shrink = group["layout"], group["split"], decay_shrink(group)
+        members: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            _, m, n = matrix_dims(p.shape, layout, split)
+            members[(m, n, distributed.local(p).device)].append(i)
+        for (m, n, device), idx in members.items():
+            counts = [matrix_dims(params[i].shape, layout, split)[0] for i in idx]
+            per_rank = [0] * world
+            for i, k in zip(idx, counts):
+                per_rank[owners[id(params[i])]] += k
+            dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
+            own = [j for j, i in enumerate(idx) if i in states]
+            if own:
+                bucket = Bucket(group, [params[idx[j]] for j in own], [grads[idx[j]] for j in own],
+                                [states[idx[j]] for j in own], [counts[j] for j in own], (m, n), device)
+                bucket.x = bucket.stack([directions[idx[j]] for j in own], dtype)
+                update, ratio = self._bucket_update(bucket)
+                # The LR multiplier goes with the update: MiMuon's depends on the owner's blocks.
+                update = (update if ratio == 1.0 else update.float() * ratio).to(dtype)
+                self.matrix_updates += sum(bucket.counts)
+            else:
+                update = torch.empty((0, m, n), dtype=dtype, device=device)
+            parts = distributed.all_gather_blocks(update, per_rank)
+            taken, pieces = [0] * world, []
+            for i, k in zip(idx, counts):  # back into the bucket's order
+                r = owners[id(params[i])]
+                pieces.append(parts[r][taken[r] : taken[r] + k])
+                taken[r] += k
+            everyone = Bucket(group, [params[i] for i in idx], [grads[i] for i in idx], [{} for _ in idx],
+                              counts, (m, n), device)
+            self._apply_update(everyone, torch.cat(pieces), group["lr"], shrink)
 
     def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
         """The parameter's state, created on its first step (lazily: FSDP2 swaps parameters after
@@ -770,13 +934,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def _apply_update(self, bucket: Bucket, update: torch.Tensor, lr: float, shrink: float) -> None:
         """W <- W * shrink - lr * update, each parameter's blocks mapped back to its storage layout;
         with nothing written on a non-finite step or when the update is not finite."""
-        ps = bucket.params
+        ps = [distributed.local(p) for p in bucket.params]  # FSDP2: this rank's shard
         gate = self._update_gate(bucket, update)
         gate.decay_(ps, shrink)
         gate.mask_(update)  # zero on a gated step (the update is ours: a fresh stack)
         layout = bucket.group["layout"]
-        updates = [from_blocks(update[o : o + k], layout, p.shape)
-                   for p, o, k in zip(ps, bucket.offsets, bucket.counts)]
+        updates = [distributed.shard_like(from_blocks(update[o : o + k], layout, p.shape), p)
+                   for p, o, k in zip(bucket.params, bucket.offsets, bucket.counts)]
         torch._foreach_add_(ps, updates, alpha=-lr)
         if self.diagnostics_enabled:
             self._record_update("matrix", [update], lr)

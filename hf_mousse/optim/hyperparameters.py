@@ -34,6 +34,9 @@ HELP: dict[str, str] = {
                  "non-finite update is never applied either; the error comes at the next check_finite(), "
                  "stats() or Trainer log: step() never reads the device), skip (counted in stats(); one "
                  "device read per step) or ignore",
+    "distributed": "split the matrix work over the ranks of torch.distributed's default group (each "
+                   "matrix's update computed by one owner rank, shared by all-gather): None splits when "
+                   "the group has several ranks (DDP, FSDP2), False never",
     # roles (param_groups)
     "split_fused": "orthogonalise fused projections (e.g. GPT-2 c_attn = Q, K, V) block by block",
     "embedding_lr": "learning rate of the token and position embeddings (None: the scalar path's)",

@@ -177,6 +177,13 @@ class Mousse(SpectralOptimizer):
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
         return k * sum((m if side == "left" else n) ** 3 for side in _SIDES[group["sides"]])
 
+    def _block_cost(self, group: dict, m: int, n: int) -> float:
+        # + the factor EMAs and the rotations in and out of the eigenbases (~3 products per side), and
+        # the refresh's eigendecompositions (~10 d^3 each), amortised over refresh_every steps.
+        sides = [m if side == "left" else n for side in _SIDES[group["sides"]]]
+        per_step = sum(3.0 * d * m * n + 10.0 * d**3 / group["refresh_every"] for d in sides)
+        return super()._block_cost(group, m, n) + per_step
+
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""
         out = {}

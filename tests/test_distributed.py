@@ -1,0 +1,106 @@
+"""The matrix work split over ranks (DDP, FSDP2) and checkpoints that move between world sizes.
+
+Each test starts 2 CPU processes with torchrun (gloo), the way users launch, running
+tests/scripts/dist_train.py, and compares with one process on the same global batches. The runs of
+one process differ from the two-process runs only by the order in which the gradient reduction adds
+(DDP, FSDP2), so parameters agree to bf16 tolerance, not bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "dist_train.py")
+BIN = Path(sys.executable).parent
+BF16_RTOL = 1.6e-2  # torch.testing's tolerance for bfloat16, applied to each tensor's norm
+STEPS = 20
+
+
+def launch(out: Path, *args: str, nproc: int = 2) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    start = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*start, SCRIPT, "--out", str(out), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {**json.loads((out / "result.json").read_text()), "weights": torch.load(out / "final.pt")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One-process runs, by their arguments (cached: several two-process runs compare with one)."""
+    runs = {}
+
+    def get(*args: str) -> dict:
+        if args not in runs:
+            runs[args] = launch(tmp_path_factory.mktemp("one"), *args, nproc=1)
+        return runs[args]
+
+    return get
+
+
+def assert_same_weights(one: dict, two: dict) -> None:
+    assert one.keys() == two.keys()
+    for name, a in one.items():
+        err = ((a - two[name]).norm() / a.norm().clamp_min(1e-12)).item()
+        assert err <= BF16_RTOL, f"{name}: relative error {err:.2e} after {STEPS} steps"
+
+
+def matrix_blocks_per_step(model: str, lora: bool) -> int:
+    """Blocks orthogonalised per step: GPT-2's c_attn splits into Q, K, V (3), then c_proj, c_fc and
+    the MLP's c_proj, per layer; Qwen3's 7 projections per layer; LoRA: v_proj's A and B (rank 2;
+    q_proj's rank-1 factors take the scalar path)."""
+    per_layer = 2 if lora else (6 if model == "gpt2" else 7)
+    return 2 * per_layer
+
+
+def assert_work_split(run: dict, model: str = "gpt2", lora: bool = False) -> None:
+    counts = [s["matrix_updates"] for s in run["stats"]]
+    assert sum(counts) == matrix_blocks_per_step(model, lora) * STEPS  # each block by exactly one rank
+    assert all(c > 0 for c in counts), counts  # and every rank took a share
+
+
+@pytest.mark.parametrize("optim", ["muon", "mousse", "mimuon"])
+def test_ddp_split_matches_one_process(tmp_path, reference, optim):
+    one = reference("--optim", optim)
+    two = launch(tmp_path, "--optim", optim, "--engine", "ddp")
+    assert two["world"] == 2
+    assert_same_weights(one["weights"], two["weights"])
+    assert_work_split(two)
+    assert one["stats"][0]["matrix_updates"] == matrix_blocks_per_step("gpt2", False) * STEPS
+
+
+@pytest.mark.parametrize(("model", "build", "lora"), [
+    ("gpt2", "after", False),   # the optimizer built on the DTensor parameters
+    ("gpt2", "before", False),  # built before sharding, parameters swapped afterwards (accelerate)
+    ("qwen3", "after", False),  # odd dimensions (35, 37): uneven shards
+    ("qwen3", "before", True),  # LoRA: a rank-1 factor leaves one rank an empty shard
+])
+def test_fsdp2_matches_one_process(tmp_path, reference, model, build, lora):
+    extra = ("--lora",) if lora else ()
+    one = reference("--optim", "mousse", "--model", model, *extra)
+    two = launch(tmp_path, "--optim", "mousse", "--model", model, "--engine", "fsdp2", "--build", build,
+                 *extra)
+    assert_same_weights(one["weights"], two["weights"])
+    assert_work_split(two, model, lora)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_save_on_two_ranks_resumes_on_one_and_on_two(tmp_path, reference, engine):
+    whole = reference("--optim", "mousse", "--model", "qwen3")
+    saved = launch(tmp_path / "saved", "--optim", "mousse", "--model", "qwen3", "--engine", engine,
+                   "--save-at", "10")
+    assert (tmp_path / "saved" / "optimizer.safetensors").is_file()
+    resumed = {n: launch(tmp_path / f"resumed{n}", "--optim", "mousse", "--model", "qwen3",
+                         "--engine", engine, "--resume", str(tmp_path / "saved"), nproc=n) for n in (1, 2)}
+    for n, run in resumed.items():
+        assert len(run["losses"]) == STEPS - 10
+        assert run["losses"] == pytest.approx(whole["losses"][10:], rel=1e-4), n
+        assert run["losses"] == pytest.approx(saved["losses"][10:], rel=1e-4), n
+        assert_same_weights(whole["weights"], run["weights"])
