@@ -28,7 +28,8 @@ ROOT = HERE.parent
 BLOCK = re.compile(r"(<!-- render: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
 # file-name prefix -> benchmark script; the longest matching prefix wins
 RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead": "refresh_overhead",
-             "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results"}
+             "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results",
+             "dist_step_time": "dist_step_time"}
 
 
 def renderer(path: Path):

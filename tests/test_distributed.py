@@ -104,3 +104,36 @@ def test_save_on_two_ranks_resumes_on_one_and_on_two(tmp_path, reference, engine
         assert run["losses"] == pytest.approx(whole["losses"][10:], rel=1e-4), n
         assert run["losses"] == pytest.approx(saved["losses"][10:], rel=1e-4), n
         assert_same_weights(whole["weights"], run["weights"])
+
+
+def test_trainer_save_under_fsdp_writes_our_format(tmp_path):
+    # On CPU the Trainer's --fsdp route does not enable FSDP (is_fsdp_enabled stays False), so the
+    # hook is driven directly: with FSDP enabled it must write optimizer.safetensors, not hand the
+    # optimizer to transformers' FSDP path (accelerate's optimizer.bin, which cannot hold our state).
+    import types
+
+    from helpers import tiny_gpt2
+
+    import hf_mousse
+    from hf_mousse.integration import trainer_hooks
+
+    model = tiny_gpt2()
+    opt = hf_mousse.Mousse.for_model(model, lr=1e-3)
+    model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    opt.step()
+    trainer = types.SimpleNamespace(
+        optimizer=opt, model=model, is_fsdp_enabled=True, is_deepspeed_enabled=False,
+        args=types.SimpleNamespace(should_save=True), state=types.SimpleNamespace(global_step=1),
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+
+    def transformers_path(self, output_dir):
+        raise AssertionError("the FSDP optimizer state went to transformers' own save")
+
+    trainer_hooks._save(trainer, str(tmp_path), transformers_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.safetensors", "scheduler.pt"]
+    fresh = hf_mousse.Mousse.for_model(model, lr=1e-3)
+    trainer.optimizer, trainer.lr_scheduler = fresh, torch.optim.lr_scheduler.LambdaLR(fresh, lambda _: 1.0)
+    trainer_hooks._load(trainer, str(tmp_path), transformers_path)
+    matrices = [p for p in model.parameters() if "momentum" in opt.state[p]]
+    assert matrices
+    assert all(torch.equal(fresh.state[p]["momentum"], opt.state[p]["momentum"]) for p in matrices)

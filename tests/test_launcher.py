@@ -85,15 +85,60 @@ def test_unregistered_process_gets_a_clear_error(tmp_path, text_file):
     assert proc.returncode == 2 and "invalid choice: 'mousse'" in proc.stderr
 
 
-def test_torchrun_ddp_two_processes(tmp_path, text_file):
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "hf_mousse",
-                *script_args(text_file, tmp_path, "--optim", "mousse", "--optim_args", "refresh_every=2",
-                             "--max_steps", "4", "--save_steps", "4")], cwd=tmp_path)
+TORCHRUN_2 = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "hf_mousse"]
+
+
+def test_torchrun_ddp_two_processes_split_the_work_and_resume_on_one(tmp_path, text_file):
+    args = ("--optim", "mousse", "--optim_args", "alpha=0.1, refresh_every=3")
+    steps = ("--max_steps", "4", "--save_steps", "4")
+    proc = run([*TORCHRUN_2, *script_args(text_file, tmp_path, *args, *steps)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"result_rank{i}.json").read_text()) for i in (0, 1)]
     assert len(ranks) == 2 and all(r["optimizer"] == "Mousse" for r in ranks)
     assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"]  # replicas stayed in sync
+    updates = [r["stats"]["matrix_updates"] for r in ranks]
+    assert sum(updates) == 12 * 4 and min(updates) > 0  # 12 blocks per step (c_attn is 3), each by one rank
     assert (tmp_path / "checkpoint-4" / "optimizer.safetensors").is_file()
+    # The checkpoint of two ranks resumes in one process.
+    out = tmp_path / "one"
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4")]
+    resumed = result(run([sys.executable, "-m", "hf_mousse", *script_args(text_file, out, *args, *resume)],
+                         cwd=tmp_path))[0]
+    assert resumed["steps"] == 6 and resumed["stats"]["matrix_updates"] == 12 * 2
+
+
+def test_accelerate_launch_two_processes_split_the_work(tmp_path, text_file):
+    # accelerate's multi-process launcher, on CPU: --multi_gpu starts the processes, --use_cpu makes
+    # the Trainer run them as one DDP job (gloo). (accelerate launch --cpu runs a single process.)
+    proc = run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "-m", "hf_mousse",
+                *script_args(text_file, tmp_path, "--optim", "mousse", "--max_steps", "2")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"result_rank{i}.json").read_text()) for i in (0, 1)]
+    updates = [r["stats"]["matrix_updates"] for r in ranks]
+    assert sum(updates) == 12 * 2 and min(updates) > 0
+
+
+def test_torchrun_without_use_cpu_warns_and_does_not_split(tmp_path, text_file):
+    # On CPU without --use_cpu, the Trainer of each process trains alone: no DDP, no shared gradients.
+    # Splitting the optimizer's work then would mix two models' updates; it must not happen.
+    args = script_args(text_file, tmp_path, "--optim", "mousse", "--max_steps", "2")
+    args.remove("--use_cpu")
+    proc = run([*TORCHRUN_2, *args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("WORLD_SIZE=2: a launcher started 2 processes") == 2
+    ranks = result(proc)  # one RESULT line per process (both are "process 0": one result file)
+    assert [r["stats"]["matrix_updates"] for r in ranks] == [12 * 2, 12 * 2]  # each computed everything
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, text_file, mousse_run):
+    first, _ = mousse_run
+    args = ("--optim", "mousse", "--optim_args", "alpha=0.1, refresh_every=3")
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", str(first / "checkpoint-4")]
+    proc = run([*TORCHRUN_2, *script_args(text_file, tmp_path, *args, *resume)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"result_rank{i}.json").read_text()) for i in (0, 1)]
+    assert all(r["steps"] == 6 for r in ranks)
+    assert sum(r["stats"]["matrix_updates"] for r in ranks) == 12 * 2
 
 
 def test_run_gives_the_script_python_semantics(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field, fields
 from ..errors import InvalidHyperparameterError, UnsupportedSetupError
 from ..optim import HELP, MiMuon, Mousse, Muon, constructor_defaults, param_groups
 from ..optim.base import SpectralOptimizer
+
+logger = logging.getLogger(__name__)
 
 # Keys owned by TrainingArguments: setting them in optim_args would be ambiguous.
 FROM_TRAINING_ARGS = {
@@ -84,8 +87,16 @@ class SpectralConfig:
         """``Trainer(optimizer_cls_and_kwargs=config.for_trainer(args))``: what ``--optim`` builds, with
         ``args``' learning rate, weight decay and Adam settings."""
         refuse_unsupported_engines(args)
+        alone = warn_unjoined_ranks(args)
+        config = self
+        if self.distributed is None:
+            # Split the work only when the Trainer's processes are one job (DDP, FSDP2): a process group
+            # can exist around processes that each train their own model (torchrun without --use_cpu
+            # on CPU), and splitting would then mix their updates.
+            joined = not alone and int(getattr(args, "world_size", 1)) > 1
+            config = dataclasses.replace(self, distributed=joined)
         return TrainerOptimizerFactory, {
-            "config": self,
+            "config": config,
             "lr": args.learning_rate,
             "weight_decay": args.weight_decay,
             "betas": (args.adam_beta1, args.adam_beta2),
@@ -316,6 +327,23 @@ def refuse_unsupported_engines(args) -> None:
             f"optim={optim!r} cannot run under FSDP1: it flattens parameters into 1-D FlatParameters. "
             "Use FSDP2 (fsdp_config={'version': 2}, the default in transformers 5) or DDP"
         )
+
+
+def warn_unjoined_ranks(args) -> bool:
+    """Warn (and return True) when a launcher started several processes (``WORLD_SIZE`` > 1) but the
+    Trainer runs alone in this one: on CPU, ``torchrun`` without ``--use_cpu`` starts N independent
+    trainings that write the same output directory, each with the whole batch and its own optimizer."""
+    started = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    joined = int(getattr(args, "world_size", 1) or 1)
+    if started <= 1 or joined > 1:
+        return False
+    logger.warning(
+        "WORLD_SIZE=%d: a launcher started %d processes, but this Trainer does not train with them as "
+        "one job (its world size is 1), so each process trains its own copy of the model and all of them "
+        "write %s. On CPU pass --use_cpu (torchrun) to train them as one DDP job; accelerate launch "
+        "on CPU runs one process (--cpu) unless configured for multi-CPU. README \"Multi-GPU\" has the "
+        "launch lines", started, started, getattr(args, "output_dir", "the output directory"))
+    return True
 
 
 def hf_no_decay_names(model) -> set[str]:

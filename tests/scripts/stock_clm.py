@@ -77,6 +77,7 @@ def main():
         "eval": metrics,
         "perplexity_check": math.exp(metrics["eval_loss"]),
         "steps": trainer.state.global_step,
+        "stats": inner.stats() if hasattr(inner, "stats") else None,
         "torch": torch.__version__,
     }
     # One file per process too: under torchrun the ranks' stdout lines can interleave.
