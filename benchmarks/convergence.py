@@ -50,6 +50,9 @@ BASELINE = "muon"
 SIZES = {
     "cpu": dict(model=dict(n_embd=128, n_layer=4, n_head=4), seq_len=128, batch=16, steps=400,
                 eval_every=25, eval_blocks=128, vocab=4096, warmup=20),
+    # the CPU size at twice the width (4x the matrix parameters): the trend with model size on a CPU
+    "cpu-wide": dict(model=dict(n_embd=256, n_layer=4, n_head=4), seq_len=128, batch=16, steps=400,
+                     eval_every=25, eval_blocks=128, vocab=4096, warmup=20),
     "50m": dict(model=dict(n_embd=512, n_layer=8, n_head=8), seq_len=1024, batch=64, steps=3000,
                 eval_every=100, eval_blocks=256, vocab=None, warmup=150),
     "124m": dict(model=dict(n_embd=768, n_layer=12, n_head=12), seq_len=1024, batch=256, steps=4000,

@@ -137,3 +137,22 @@ def test_trainer_save_under_fsdp_writes_our_format(tmp_path):
     matrices = [p for p in model.parameters() if "momentum" in opt.state[p]]
     assert matrices
     assert all(torch.equal(fresh.state[p]["momentum"], opt.state[p]["momentum"]) for p in matrices)
+
+
+@pytest.mark.parametrize(("layers", "world"), [(1, 2), (5, 2), (5, 4), (12, 4)])
+def test_owners_balance_cost_and_pad_little(layers, world):
+    # GPT-2 124M's matrices for Mousse: q, k, v, c_proj (768 x 768), c_fc (3072 x 768) and the MLP's
+    # c_proj (768 x 3072) per layer; the 3072-sided ones cost ~10x a 768 x 768 one.
+    from hf_mousse import Mousse
+    from hf_mousse.optim.distributed import assign_owners
+
+    opt = Mousse([torch.nn.Parameter(torch.zeros(2, 2))])
+    group = opt.param_groups[0]
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    items = [((m, n), 1, opt._block_cost(group, m, n)) for _ in range(layers) for m, n in shapes]
+    owners = assign_owners(items, world)
+    load = [sum(c for (_, _, c), o in zip(items, owners) if o == r) for r in range(world)]
+    assert max(load) <= 1.2 * sum(load) / world, load
+    for key in {k for k, _, _ in items}:  # one all-gather per shape, padded to the largest share
+        held = [sum(1 for (k, _, _), o in zip(items, owners) if k == key and o == r) for r in range(world)]
+        assert max(held) - min(held) <= 1, (key, held)
