@@ -76,16 +76,18 @@ def test_ddp_split_matches_one_process(tmp_path, reference, optim):
     assert one["stats"][0]["matrix_updates"] == matrix_blocks_per_step("gpt2", False) * STEPS
 
 
-@pytest.mark.parametrize(("model", "build", "lora"), [
-    ("gpt2", "after", False),   # the optimizer built on the DTensor parameters
-    ("gpt2", "before", False),  # built before sharding, parameters swapped afterwards (accelerate)
-    ("qwen3", "after", False),  # odd dimensions (35, 37): uneven shards
-    ("qwen3", "before", True),  # LoRA: a rank-1 factor leaves one rank an empty shard
+@pytest.mark.parametrize(("optim", "model", "build", "lora"), [
+    ("mousse", "gpt2", "after", False),   # the optimizer built on the DTensor parameters
+    ("mousse", "gpt2", "before", False),  # built before sharding, parameters swapped after (accelerate)
+    ("mousse", "qwen3", "after", False),  # odd dimensions (35, 37): uneven shards
+    ("muon", "qwen3", "after", False),
+    ("mimuon", "qwen3", "after", False),
+    ("mousse", "qwen3", "before", True),  # LoRA: a rank-1 factor leaves one rank an empty shard
 ])
-def test_fsdp2_matches_one_process(tmp_path, reference, model, build, lora):
+def test_fsdp2_matches_one_process(tmp_path, reference, optim, model, build, lora):
     extra = ("--lora",) if lora else ()
-    one = reference("--optim", "mousse", "--model", model, *extra)
-    two = launch(tmp_path, "--optim", "mousse", "--model", model, "--engine", "fsdp2", "--build", build,
+    one = reference("--optim", optim, "--model", model, *extra)
+    two = launch(tmp_path, "--optim", optim, "--model", model, "--engine", "fsdp2", "--build", build,
                  *extra)
     assert_same_weights(one["weights"], two["weights"])
     assert_work_split(two, model, lora)
