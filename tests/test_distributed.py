@@ -93,6 +93,15 @@ def test_fsdp2_matches_one_process(tmp_path, reference, optim, model, build, lor
     assert_work_split(two, model, lora)
 
 
+def test_fsdp2_without_the_split_is_refused(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", SCRIPT, "--out", str(tmp_path),
+           "--engine", "fsdp2", "--no-split", "--steps", "1"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert "sharded (DTensor) matrix" in proc.stderr and "distributed=False" in proc.stderr
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_save_on_two_ranks_resumes_on_one_and_on_two(tmp_path, reference, engine):
     whole = reference("--optim", "mousse", "--model", "qwen3")

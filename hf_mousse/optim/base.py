@@ -883,6 +883,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
             )
         st = self.state[p]
         if not st:
+            if distributed.is_dtensor(p) and self._world() is None:
+                raise UnsupportedParameterError(
+                    f"a sharded (DTensor) matrix of shape {tuple(p.shape)} with distributed=False: its "
+                    "update needs the whole matrix, which only the split over ranks gathers. Leave "
+                    "distributed at None (the default) under FSDP2"
+                )
             st.update(self._fresh_state(p, group))
         st[STEP] += 1
         return st
