@@ -239,6 +239,17 @@ def parse_map(text: str | None, cast=float) -> dict:
     return out
 
 
+def knob_subset(labels: str) -> dict:
+    """The KNOBS named in ``labels`` (comma-separated; "all": every one)."""
+    if labels == "all":
+        return KNOBS
+    chosen = labels.split(",")
+    unknown = [label for label in chosen if label not in KNOBS]
+    if unknown:
+        raise SystemExit(f"--knobs: unknown {unknown}; known: {list(KNOBS)}")
+    return {label: KNOBS[label] for label in chosen}
+
+
 def run_specs(args) -> dict[str, tuple[str, str | None]]:
     """label -> (Trainer optim name, optim_args) for --optimizers and --variant entries; Muon is added
     when absent, since the target is its final loss."""
@@ -247,7 +258,7 @@ def run_specs(args) -> dict[str, tuple[str, str | None]]:
         specs[name] = (ALIASES.get(name, name), None)
     variants = [v.partition("=")[::2] for v in args.variant]  # (label, "name:key=value,...")
     if args.knobs:
-        variants += [(label, spec) for label, (spec, _) in KNOBS.items()]
+        variants += [(label, spec) for label, (spec, _) in knob_subset(args.knobs).items()]
     for label, spec in variants:
         name, _, optim_args = spec.partition(":")
         if not label or not name:
@@ -321,7 +332,8 @@ def main():
     specs = run_specs(args)
     given = parse_map(args.lrs)
     if args.knobs:
-        given = {**{label: lr for label, (_, lr) in KNOBS.items() if lr is not None}, **given}
+        knob_lrs = {label: lr for label, (_, lr) in knob_subset(args.knobs).items() if lr is not None}
+        given = {**knob_lrs, **given}
     data = prepare_data(args, size)
     print(f"data: {data[3]}; {len(data[0])} train blocks, {len(data[1])} eval blocks of {size['seq_len']} "
           f"tokens; {args.steps} steps x {size['batch'] * size['seq_len']} tokens", flush=True)
@@ -465,8 +477,9 @@ def parse_args():
                     help="comma-separated --optim names (mousse, muon, mimuon, adamw, adamw_torch, ...)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=NAME:key=value,...",
                     help="an extra run with --optim_args, e.g. a.25=mousse:alpha=0.25 (repeatable)")
-    ap.add_argument("--knobs", action="store_true",
-                    help="add the runs of KNOBS (Mousse's settings, one change each); pair with --lrs")
+    ap.add_argument("--knobs", nargs="?", const="all", default=None, metavar="LABEL,...",
+                    help="add the runs of KNOBS (Mousse's settings, one change each; all of them, or the "
+                         "labels given); pair with --lrs")
     ap.add_argument("--lrs", default=None, help="LABEL=LR,... skips the sweep for those runs")
     ap.add_argument("--sweep", default=None, help="LABEL=lr1/lr2/lr3,... overrides a sweep grid")
     ap.add_argument("--seeds", type=int, default=3)

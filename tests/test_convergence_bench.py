@@ -91,9 +91,13 @@ def test_knobs_and_variants_become_runs_with_their_optim_args():
 
     bench = load_script()
     specs = bench.run_specs(argparse.Namespace(optimizers="mousse", variant=["a.25=mousse:alpha=0.25"],
-                                               knobs=True))
+                                               knobs="all"))
     assert specs["muon"] == ("muon", None)  # the target's optimizer is always there
     assert specs["a.25"] == ("mousse", "alpha=0.25")
     for label, (spec, _) in bench.KNOBS.items():  # labels such as "alpha=0.25" keep their '='
         name, _, optim_args = spec.partition(":")
         assert specs[label] == (name, optim_args)
+    some = bench.run_specs(argparse.Namespace(optimizers="mousse", variant=[], knobs="T=1,paper-muon"))
+    assert list(some) == ["muon", "mousse", "T=1", "paper-muon"]
+    with pytest.raises(SystemExit, match="unknown.*'T=2'"):
+        bench.run_specs(argparse.Namespace(optimizers="mousse", variant=[], knobs="T=2"))
