@@ -185,9 +185,6 @@ def _curve(log_history: list[dict]):
 
 
 # ---------------------------------------------------------------------------- one run
-# Matrix-group entries that are not hyperparameters of the run (lr is reported as learning_rate, since the
-# group's value is the scheduled one at the end).
-_NOT_REPORTED = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
 _REPORTED_ARGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "max_steps", "weight_decay", "bf16", "fp16", "seed")
 
@@ -229,11 +226,10 @@ def tokens_seen(trainer) -> int:
 
 
 def optimizer_hyperparameters(trainer) -> dict:
-    """The optimizer's class and settings, from its matrix group (group 0 may be the embeddings)."""
-    opt = inner_optimizer(trainer)
-    group = next((g for g in opt.param_groups if g.get("role") == "matrix"), opt.param_groups[0])
-    return {"optimizer_class": type(opt).__name__,
-            **{k: v for k, v in group.items() if k not in _NOT_REPORTED}}
+    """The optimizer's class and settings as they ran (the learning rate is a training argument)."""
+    hyper = model_card.optimizer_hyperparameters(inner_optimizer(trainer))
+    hyper.pop("lr")
+    return hyper
 
 
 def training_report(recipe: dict, name: str, trainer, metrics: dict, seconds: float, curve):

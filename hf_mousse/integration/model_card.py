@@ -119,6 +119,28 @@ class TrainingReport:
         return perplexity_from_loss(self.best_eval_loss)
 
 
+# ---------------------------------------------------------------------------- the optimizer as it runs
+# Param-group entries that are bookkeeping, not hyperparameters.
+_GROUP_BOOKKEEPING = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
+
+
+def optimizer_hyperparameters(opt) -> dict:
+    """The optimizer's class and effective settings, read from its matrix group (group 0 may be the
+    embeddings), so the card shows what ran, defaults included; ``lr`` is the peak (``initial_lr``, which
+    the scheduler records) when there is one, else the group's current value."""
+    group = next((g for g in opt.param_groups if g.get("role") == "matrix"), opt.param_groups[0])
+    return {"optimizer_class": type(opt).__name__, "lr": group.get("initial_lr", group["lr"]),
+            **{k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING}}
+
+
+def hyperparameter_table(optimizer: str, hyperparameters: dict) -> str:
+    """A Markdown table (Hyperparameter | Value | Meaning) of ``hyperparameters``, in the card's order."""
+    rows = _hyperparameter_rows(optimizer, hyperparameters)
+    lines = ["| Hyperparameter | Value | Meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{r['name']}` | {r['value']} | {r['meaning']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- rendering
 def template_text(name: str = TEMPLATE_NAME) -> str:
     """The template's text: from the installed package ``hf_mousse.model_cards``, else from the
@@ -210,9 +232,8 @@ def _meanings(optimizer: str) -> dict[str, str]:
     return {**CLASS_MEANING, **{k: HELP[k] for k in first}, **rest}
 
 
-def _hyperparameter_rows(report: TrainingReport) -> list[dict[str, str]]:
-    hyper = report.optimizer_hyperparameters
-    meanings = _meanings(report.optimizer)
+def _hyperparameter_rows(optimizer: str, hyper: dict) -> list[dict[str, str]]:
+    meanings = _meanings(optimizer)
     order = [k for k in meanings if k in hyper] + sorted(k for k in hyper if k not in meanings)
     return [{"name": k, "value": _fmt(hyper[k]), "meaning": meanings.get(k, "")} for k in order]
 
@@ -298,7 +319,7 @@ def _optimizer_context(report: TrainingReport) -> dict:
         "optimizer": report.optimizer,
         "optimizer_title": OPTIMIZER_TITLES.get(report.optimizer, report.optimizer),
         "spectral": ours,
-        "hyperparameters": _hyperparameter_rows(report),
+        "hyperparameters": _hyperparameter_rows(report.optimizer, hyper),
         "adjust_lr": adjust_lr,
         "lr_convention": LR_CONVENTIONS.get(adjust_lr) if ours else None,
         "weight_decay_schedule": wd_schedule,
