@@ -199,6 +199,15 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
+def post_import_spec(fullname: str, path=None, target=None):
+    """The spec of ``fullname`` with our patch attached (None if it is not watched or already patched),
+    after arming the hook for the other watched modules. For ``_hf_mousse_autoregister``, which wakes up
+    inside the import machinery's lookup of ``fullname``, after the point where our hook was consulted."""
+    install_import_hook()
+    hook = next(f for f in sys.meta_path if isinstance(f, _PostImportHook))
+    return hook.find_spec(fullname, path, target)
+
+
 def install_import_hook() -> None:
     """Patch already-imported transformers modules now and the others when they are imported."""
     if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
