@@ -91,6 +91,12 @@ class TrainingReport:
     peft: dict | None = None  # e.g. {"type": "LoRA", "r": 8, "target_modules": [...]}
     versions: dict[str, str] = field(default_factory=library_versions)
     eval_split: str = "validation"
+    license: str = "other"  # the card's license field (a Hub license id, or "other")
+    reproduce_command: str | None = None  # the command line that made the run, overrides included
+    resumed_from: str | None = None  # the checkpoint folder a resumed run started from
+    total_train_seconds: float | None = None  # all segments of a resumed run (train_seconds: the last one)
+    segments: int = 1  # training segments (1 + the number of resumes)
+    sft: bool = False  # fine-tuned on conversations through TRL's SFTTrainer (completion-only loss)
 
     def __post_init__(self):
         if not self.model_name or not str(self.model_name).strip():
@@ -158,7 +164,7 @@ def template_text(name: str = TEMPLATE_NAME) -> str:
         return source.read_text(encoding="utf-8")
     raise ModelCardError(
         f"model-card template {name!r} not found: neither the package {TEMPLATE_PACKAGE!r} nor {source} "
-        "has it. Reinstall hf_mousse (pip install hf-mousse, or pip install -e . in a checkout)")
+        "has it. Reinstall hf_mousse from its source (pip install -e . in a clone of its repository)")
 
 
 def _fmt(value) -> str:
@@ -290,9 +296,10 @@ def _card_data(report: TrainingReport):
     """The card's YAML metadata, with a ``model-index`` of the final eval loss and perplexity."""
     from huggingface_hub import ModelCardData
 
-    datasets = list(report.datasets)
-    dataset_type = datasets[0] if datasets else "custom"
-    dataset_name = ", ".join(datasets) if datasets else "custom"
+    # Only Hub dataset ids go into the metadata (the Hub links them); local data is named in the text only.
+    hub_datasets = [d for d in report.datasets if _is_repo_id(d)]
+    dataset_type = hub_datasets[0] if hub_datasets else "custom"
+    dataset_name = ", ".join(report.datasets) if report.datasets else "custom"
     hub_base = _hub_base(report)
     extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
     return ModelCardData(
@@ -300,7 +307,8 @@ def _card_data(report: TrainingReport):
         pipeline_tag="text-generation",
         model_name=report.model_name,
         base_model=hub_base,
-        datasets=datasets or None,
+        datasets=hub_datasets or None,
+        license=report.license,
         tags=_tags(report),
         eval_results=_eval_results(report, dataset_type, dataset_name) or None,
         **extra,
@@ -349,6 +357,13 @@ def _results_context(report: TrainingReport) -> dict:
         "loss_curve": Path(report.loss_curve).as_posix() if report.loss_curve else None,
         "hardware": report.hardware,
         "wall_time": _fmt_seconds(report.train_seconds),
+        "resumed_from": report.resumed_from,
+        "segments": report.segments,
+        "total_wall_time": (_fmt_seconds(report.total_train_seconds)
+                            if report.total_train_seconds is not None else None),
+        "reproduce_command": report.reproduce_command or (f"hf-mousse train {report.recipe}"
+                                                          if report.recipe else None),
+        "sft": report.sft,
         "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
         "hf_mousse_version": report.versions.get("hf_mousse", ""),
         "recipe": report.recipe,
