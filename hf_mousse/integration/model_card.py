@@ -149,10 +149,15 @@ def hyperparameter_table(optimizer: str, hyperparameters: dict) -> str:
 
 # ---------------------------------------------------------------------------- rendering
 def template_text(name: str = TEMPLATE_NAME) -> str:
-    """The template's text: from the installed package ``hf_mousse.model_cards``, else from the
-    ``model_cards/`` folder of the source tree (an editable install older than the package mapping)."""
+    """The template's text: from the source checkout hf_mousse runs from, else from the installed package
+    ``hf_mousse.model_cards`` (a wheel), else from ``model_cards/`` next to the package."""
     from importlib import resources
 
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "model_cards" / name).is_file():
+        # Running from a source checkout: its own template, even when another checkout's editable
+        # install provides the package hf_mousse.model_cards (PYTHONPATH=checkout over such an install).
+        return (checkout / "model_cards" / name).read_text(encoding="utf-8")
     try:
         resource = resources.files(TEMPLATE_PACKAGE).joinpath(name)
         if resource.is_file():
@@ -299,7 +304,8 @@ def _card_data(report: TrainingReport):
     # Only Hub dataset ids go into the metadata (the Hub links them); local data is named in the text only.
     hub_datasets = [d for d in report.datasets if _is_repo_id(d)]
     dataset_type = hub_datasets[0] if hub_datasets else "custom"
-    dataset_name = ", ".join(report.datasets) if report.datasets else "custom"
+    dataset_name = (", ".join(f"{d[len('local:'):]} (local data)" if d.startswith("local:") else d
+                              for d in report.datasets) or "custom")
     hub_base = _hub_base(report)
     extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
     return ModelCardData(
