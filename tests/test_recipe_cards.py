@@ -20,7 +20,8 @@ def tiny_recipe(tmp_path, text_file):
     recipe = yaml.safe_load((RECIPES_DIR / "demo-cpu.yaml").read_text())
     recipe.update(output_dir=str(tmp_path / "run"), compare=[], license="apache-2.0")
     recipe["model"]["from_config"].update(n_layer=1, n_embd=32, n_head=2, n_positions=64)
-    recipe["data"] = {"train_files": [text_file], "max_train_rows": 60, "max_validation_rows": 6, "block_size": 32}
+    recipe["data"] = {"train_files": [text_file], "max_train_rows": 60, "max_validation_rows": 6,
+                      "block_size": 32}
     recipe["tokenizer"]["train_bpe"]["vocab_size"] = 300
     recipe["training"].update(max_steps=2, per_device_train_batch_size=2, eval_steps=2, save_steps=1,
                               logging_steps=1, disable_tqdm=True, save_total_limit=None)
