@@ -51,6 +51,7 @@ def test_card_reproduces_installs_and_loads(tiny_recipe, tmp_path):
     # A checkpoint loads on its own: weights and tokenizer.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    assert (run / "checkpoint-2" / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(run / "checkpoint-2")
     model = AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")
     assert model(**tokenizer("def f(x):", return_tensors="pt")).logits.shape[-1] == len(tokenizer)
