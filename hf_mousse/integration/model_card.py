@@ -369,6 +369,7 @@ def _results_context(report: TrainingReport) -> dict:
                             if report.total_train_seconds is not None else None),
         "reproduce_command": report.reproduce_command or (f"hf-mousse train {report.recipe}"
                                                           if report.recipe else None),
+        "command_recorded": report.reproduce_command is not None,
         "sft": report.sft,
         "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
         "hf_mousse_version": report.versions.get("hf_mousse", ""),
