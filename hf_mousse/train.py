@@ -289,13 +289,15 @@ def build_trainer(recipe: dict, optimizer: dict, output_dir: str, datasets_, tok
                   optim_args=optim_args_string(optimizer.get("args")), seed=seed)
     if recipe.get("trainer") == "sft":
         return _build_sft_trainer(recipe, {**common, **training}, datasets_, tokenizer, callbacks)
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     model = apply_lora(build_model(recipe["model"], tokenizer), recipe.get("lora"))
     args = TrainingArguments(**common, **training)
+    # Packed blocks need no padding: the plain collator (with a processing class the Trainer would
+    # otherwise pad every batch through the tokenizer, for nothing).
     return Trainer(model=model, args=args, train_dataset=datasets_["train"],
                    eval_dataset=datasets_["validation"], processing_class=tokenizer,
-                   callbacks=list(callbacks))
+                   data_collator=default_data_collator, callbacks=list(callbacks))
 
 
 def _build_sft_trainer(recipe: dict, training: dict, datasets_, tokenizer, callbacks):
