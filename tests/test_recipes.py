@@ -60,7 +60,8 @@ def shrink(recipe: dict, out: Path, assets: dict) -> dict:
         d["dataset"] = assets["dataset"]
         d.pop("config", None)
     # Builtin stdlib documents are whole source files (20 of them make ~8k eval blocks): fewer of those.
-    d.update(max_train_rows=200, max_validation_rows=4 if "builtin" in d else 20,
+    builtin = "builtin" in d
+    d.update(max_train_rows=40 if builtin else 200, max_validation_rows=2 if builtin else 20,
              **({} if sft else {"block_size": 32}))
     if sft:
         r["training"]["max_length"] = 64
