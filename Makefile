@@ -20,7 +20,7 @@ demo: install
 	$(PY) -m hf_mousse train demo-cpu
 
 test: install
-	$(PY) -m ruff check hf_mousse tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: install

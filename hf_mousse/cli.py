@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(name: str, overrides: list[str], *, resume: bool, push_to_hub: str | None) -> None:
     """Run a recipe and print one summary line per run."""
+    import shlex
+
     from .train import load_recipe, output_dir, parse_overrides, run_recipe
 
     recipe = load_recipe(name, parse_overrides(overrides))
-    results = run_recipe(recipe, resume=resume, push_to_hub=push_to_hub)
+    command = "hf-mousse train " + shlex.join([name, *overrides])  # for the model card: what reproduces it
+    results = run_recipe(recipe, resume=resume, push_to_hub=push_to_hub, command=command)
     print(f"\n{recipe['name']}: {len(results)} run(s)")
     for r in results:
         print(f"  {r['optimizer']:<12} eval loss {r['eval_loss']:.4f}  perplexity "

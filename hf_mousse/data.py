@@ -25,14 +25,19 @@ EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_KEYS = ("name_or_path", "train_bpe")
 BPE_KEYS = ("vocab_size", "min_frequency")
 SOURCE_KEYS = ("builtin", "dataset", "train_files")
-COMMON_DATA_KEYS = ("validation_fraction", "seed", "max_train_rows", "max_validation_rows")
-COLUMN_KEYS = ("format", "text_column", "prompt_column", "response_column")  # for json rows and Hub datasets
+COMMON_DATA_KEYS = ("validation_fraction", "seed", "max_train_rows", "max_validation_rows", "streaming",
+                    "shuffle_buffer")
+# For json rows and Hub datasets.
+COLUMN_KEYS = ("format", "text_column", "prompt_column", "input_column", "response_column")
 SOURCE_OPTIONS = {
     "builtin": (),
     "dataset": ("config", "train_split", "validation_split", *COLUMN_KEYS),
     "train_files": ("validation_files", "sample_by", *COLUMN_KEYS),
 }
-FORMATS = ("text", "prompt_response")
+# chat: instruction data as prompt/completion conversations for TRL's SFTTrainer (the model's chat template
+# renders them; the loss covers the completion only).
+FORMATS = ("text", "prompt_response", "chat")
+CHAT_DEFAULT_COLUMNS = {"prompt_column": "instruction", "input_column": "input", "response_column": "output"}
 TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
 BUILTIN_CHUNK_CHARS = 2000
@@ -171,7 +176,7 @@ def load_tokenizer(spec: dict, texts_for_training: Callable[[], list[str]] | Non
 
 
 # --------------------------------------------------------------------------------------------- datasets
-def _check_data_spec(spec: dict) -> str:
+def check_data_spec(spec: dict) -> str:
     """Validate the ``data:`` block and return its source key; every message lists the valid keys."""
     if not isinstance(spec, dict):
         raise DataSpecError(f"data must be a mapping with one of the keys {SOURCE_KEYS}, got {spec!r}.")
@@ -199,9 +204,22 @@ def _check_data_spec(spec: dict) -> str:
             raise DataSpecError(
                 "data.validation_fraction cannot be combined with validation_split/validation_files."
             )
-    for key in ("max_train_rows", "max_validation_rows"):
+    for key in ("max_train_rows", "max_validation_rows", "shuffle_buffer"):
         if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
             raise DataSpecError(f"data.{key}={spec[key]!r} must be a positive integer.")
+    if spec.get("format") == "chat" and source == "builtin":
+        raise DataSpecError("data.format=chat needs instruction rows (a dataset or json files), not a "
+                            "builtin corpus.")
+    if spec.get("streaming"):
+        if source == "builtin":
+            raise DataSpecError("data.streaming applies to a dataset or data files, not to a builtin corpus.")
+        if "max_validation_rows" not in spec or fraction is not None:
+            raise DataSpecError(
+                "data.streaming needs max_validation_rows (the validation rows: the first rows of "
+                "validation_split/validation_files, or else held out from the start of the training stream) "
+                "and no validation_fraction (a stream has no length to take a fraction of).")
+    elif "shuffle_buffer" in spec:
+        raise DataSpecError("data.shuffle_buffer applies with streaming: true only.")
     return source
 
 
@@ -267,7 +285,9 @@ def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.Dat
     0) of train is held out.
     ``max_train_rows``/``max_validation_rows`` keep (at most) the first rows, for short runs.
     """
-    source = _check_data_spec(spec)
+    source = check_data_spec(spec)
+    if spec.get("streaming"):
+        return load_streaming_datasets(spec, cache_dir)
     train, validation = _load_source(source, spec, cache_dir)
     if validation is None:
         train, validation = _hold_out(train, spec)
@@ -276,8 +296,119 @@ def load_text_datasets(spec: dict, cache_dir: str | None = None) -> datasets.Dat
     train = _first_rows(train, spec.get("max_train_rows"))
     validation = _first_rows(validation, spec.get("max_validation_rows"))
     if source != "builtin":
-        train, validation = _to_text_column(train, spec), _to_text_column(validation, spec)
+        convert = to_conversations if spec.get("format") == "chat" else _to_text_column
+        train, validation = convert(train, spec), convert(validation, spec)
     return datasets.DatasetDict(train=train, validation=validation)
+
+
+# ------------------------------------------------------------------------------------------- chat rows
+def _chat_row(spec: dict, columns) -> Callable[[dict], dict]:
+    names = {k: spec.get(k, v) for k, v in CHAT_DEFAULT_COLUMNS.items()}
+    prompt, extra, response = names["prompt_column"], names["input_column"], names["response_column"]
+    missing = [c for c in (prompt, response) if c not in columns]
+    if missing:
+        raise DataSpecError(f"data column(s) {missing} not found for format chat; the dataset has columns "
+                            f"{list(columns)} (set prompt_column / input_column / response_column).")
+    use_extra = extra in columns
+
+    def row(r: dict) -> dict:
+        # Alpaca's optional `input` (the material the instruction is about) follows the instruction in the
+        # same user turn; rows without one are the instruction alone.
+        text = r[prompt] + (f"\n\n{r[extra]}" if use_extra and r[extra] and r[extra].strip() else "")
+        return {"prompt": [{"role": "user", "content": text}],
+                "completion": [{"role": "assistant", "content": r[response]}]}
+
+    return row
+
+
+def to_conversations(dataset, spec: dict):
+    """Instruction rows (instruction, optional input, output) as TRL's conversational prompt/completion."""
+    row = _chat_row(spec, dataset.column_names)
+    return dataset.map(row, remove_columns=dataset.column_names)
+
+
+# ------------------------------------------------------------------------------------------- streaming
+def load_streaming_datasets(spec: dict, cache_dir: str | None = None) -> datasets.DatasetDict:
+    """Like :func:`load_text_datasets`, with ``train`` an ``IterableDataset`` read lazily from the source
+    (Hub or local files; nothing is downloaded or converted up front, memory does not grow with the corpus)
+    and ``validation`` the first ``max_validation_rows`` rows (of the validation split or files, else of the
+    training stream, which then skips them), in memory. ``shuffle_buffer`` shuffles train in a buffer of that
+    many rows; ``max_train_rows`` stops the stream."""
+    source = check_data_spec(spec)
+    if source == "dataset":
+        def load(split):
+            return datasets.load_dataset(spec["dataset"], spec.get("config"), split=split, streaming=True,
+                                         cache_dir=cache_dir)
+        train = load(spec.get("train_split", "train"))
+        validation = load(spec["validation_split"]) if "validation_split" in spec else None
+    else:
+        train = _stream_files(spec["train_files"], spec, cache_dir)
+        validation = (_stream_files(spec["validation_files"], spec, cache_dir)
+                      if "validation_files" in spec else None)
+    n_validation = spec["max_validation_rows"]
+    if validation is None:
+        validation, train = train.take(n_validation), train.skip(n_validation)
+    else:
+        validation = validation.take(n_validation)
+    if "shuffle_buffer" in spec:
+        train = train.shuffle(seed=spec.get("seed", 0), buffer_size=spec["shuffle_buffer"])
+    if "max_train_rows" in spec:
+        train = train.take(spec["max_train_rows"])
+    validation = datasets.Dataset.from_list(list(validation))
+    if spec.get("format") == "chat":
+        row = _chat_row(spec, validation.column_names)
+        return datasets.DatasetDict(train=train.map(row, remove_columns=validation.column_names),
+                                    validation=to_conversations(validation, spec))
+    return datasets.DatasetDict(train=_stream_text_column(train, spec),
+                                validation=_to_text_column(validation, spec))
+
+
+def _stream_files(files, spec: dict, cache_dir: str | None):
+    files = [files] if isinstance(files, str) else list(files)
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    if kinds <= set(TEXT_EXTENSIONS):
+        return datasets.load_dataset("text", data_files=files, sample_by=spec.get("sample_by", "paragraph"),
+                                     split="train", streaming=True, cache_dir=cache_dir)
+    if kinds <= set(JSON_EXTENSIONS):
+        return datasets.load_dataset("json", data_files=files, split="train", streaming=True,
+                                     cache_dir=cache_dir)
+    raise DataSpecError(f"data files must all be text {TEXT_EXTENSIONS} or all json {JSON_EXTENSIONS}; "
+                        f"got extensions {sorted(kinds)}.")
+
+
+def _stream_text_column(stream, spec: dict):
+    """The stream's rows reduced to a non-empty ``text`` (the streaming twin of ``_to_text_column``)."""
+    if spec.get("format", "text") == "prompt_response":
+        prompt, response = spec.get("prompt_column", "prompt"), spec.get("response_column", "response")
+        stream = stream.map(lambda r: {"text": f"{r[prompt]}\n\n{r[response]}"})
+    else:
+        column = spec.get("text_column", "text")
+        if column != "text":
+            stream = stream.map(lambda r: {"text": r[column]})
+    stream = stream.select_columns(["text"])
+    return stream.filter(lambda r: bool(r["text"] and r["text"].strip()))
+
+
+def pack_stream(stream, tokenizer, block_size: int, batch_rows: int = 1000):
+    """Tokenize a streamed ``text`` column and cut it into ``block_size`` blocks, ``batch_rows`` documents
+    at a time: memory holds one batch, whatever the corpus size. Within a batch the documents are concatenated
+    (eos-separated) as :func:`pack` does for a whole split; the remainder of each batch (< block_size tokens
+    of ~batch_rows documents) is dropped, as run_clm.py's group_texts does. The stream keeps its shards, so
+    DataLoader workers and ranks split it as datasets splits any IterableDataset."""
+    if block_size < 1:
+        raise DataSpecError(f"block_size={block_size} must be a positive integer.")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataSpecError("the tokenizer has no eos token; packing needs one to separate documents.")
+
+    def blocks(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        flat = [t for doc in ids for t in (*doc, eos)]
+        n = len(flat) // block_size * block_size
+        out = [flat[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": out, "labels": out}
+
+    return stream.map(blocks, batched=True, batch_size=batch_rows, remove_columns=["text"])
 
 
 def _load_source(source: str, spec: dict, cache_dir: str | None):

@@ -25,12 +25,13 @@ def tiny_gpt2(seed: int = 0, hidden: int = 32):
                                       bos_token_id=0, eos_token_id=0))
 
 
-def tiny_qwen3(seed: int = 0, hidden: int = 32):
+def tiny_qwen3(seed: int = 0, hidden: int = 32, vocab_size: int = 256, **config):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden,
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, **config, hidden_size=hidden,
+                                        intermediate_size=2 * hidden,
                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                         head_dim=16, max_position_embeddings=64, tie_word_embeddings=False))
 
@@ -56,3 +57,40 @@ def train(model, opt, batches) -> list[float]:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+# A minimal ChatML template (Qwen's format, without tools and thinking): enough for TRL's SFTTrainer to
+# render prompts and completions the way it renders them with a real Qwen3 tokenizer.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    """A byte-level BPE tokenizer (trained on pydoc text, 320 tokens) with ChatML special tokens and a
+    chat template; eos is ``<|im_end|>`` as in Qwen3's instruct tokenizers."""
+    from hf_mousse.data import pydoc_text, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([pydoc_text()[:20_000]], vocab_size=320)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen3_dir(path, seed: int = 0) -> str:
+    """A tiny Qwen3 model and its chat tokenizer saved in ``path`` (a local stand-in for Qwen/Qwen3-0.6B)."""
+    tokenizer = chat_tokenizer()
+    model = tiny_qwen3(seed, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def alpaca_rows(n: int = 24) -> list[dict]:
+    """Alpaca-style rows (instruction, input, output), some with an empty input (as in alpaca-cleaned)."""
+    topics = ["lists", "tuples", "dicts", "sets", "strings", "loops"]
+    return [{"instruction": f"Explain Python {topics[i % 6]} briefly.",
+             "input": "" if i % 2 else f"Example {i}",
+             "output": f"Python {topics[i % 6]} are built-in types; example number {i}."} for i in range(n)]

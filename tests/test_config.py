@@ -71,8 +71,7 @@ def test_help_texts_come_from_one_source():
         help_text = LOGGING_KEYS[key][2] if key in LOGGING_KEYS else HELP[key]
         assert f"--mousse_{key}" in text and " ".join(help_text.split()) in text, key
     hyper = {"gap_every": 5, "lr": 0.1, "optimizer_class": "MiMuon"}
-    rows = model_card._hyperparameter_rows(types.SimpleNamespace(optimizer="mimuon",
-                                                                  optimizer_hyperparameters=hyper))
+    rows = model_card._hyperparameter_rows("mimuon", hyper)
     assert [(r["name"], r["meaning"]) for r in rows] == [
         ("optimizer_class", "optimizer class"), ("lr", HELP["lr"]), ("gap_every", HELP["gap_every"])]
 

@@ -85,12 +85,12 @@ def test_mousse_from_scratch_card_metadata():
     assert {"hf_mousse", "mousse"} <= set(data.tags)
     assert "mimuon" not in data.tags and "generated_from_trainer" not in data.tags
     assert data.base_model is None
-    assert data.datasets == ["local:pydoc"]
+    assert data.datasets is None  # local data is named in the text, not as a Hub dataset id
     assert data.model_name == "gpt2-mousse-demo"
     results = data.eval_results
     assert {r.task_type for r in results} == {"text-generation"}
     assert {r.dataset_split for r in results} == {"validation"}
-    assert {r.dataset_type for r in results} == {"local:pydoc"}
+    assert {(r.dataset_type, r.dataset_name) for r in results} == {("custom", "pydoc (local data)")}
     assert metrics_of(card) == pytest.approx({"loss": 3.25, "perplexity": math.exp(3.25)})
     assert "model-index:" in str(card)
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import tiny_qwen3
+from helpers import tiny_qwen3, tiny_qwen3_dir
 
 from hf_mousse.errors import InvalidHyperparameterError
 from hf_mousse.train import RECIPES_DIR, load_recipe, optim_args_string, parse_overrides, run_recipe
@@ -34,28 +34,37 @@ def local_assets(tmp_path_factory, text_file):
     dataset.mkdir()
     with open(dataset / "data.jsonl", "w") as f:
         for i, p in enumerate(paragraphs[:300]):
-            f.write(json.dumps({"text": p, "instruction": f"Explain topic {i}.", "output": p}) + "\n")
-    return {"tokenizer": str(root / "tokenizer"), "qwen3": str(root / "qwen3"), "dataset": str(dataset)}
+            row = {"text": p, "instruction": f"Explain topic {i}.", "input": "" if i % 2 else p[:40],
+                   "output": p[:200]}
+            f.write(json.dumps(row) + "\n")
+    return {"tokenizer": str(root / "tokenizer"), "qwen3": str(root / "qwen3"), "dataset": str(dataset),
+            "qwen3_chat": tiny_qwen3_dir(root / "qwen3-chat")}
 
 
 def shrink(recipe: dict, out: Path, assets: dict) -> dict:
     r = copy.deepcopy(recipe)
     r["output_dir"] = str(out)
     model = r["model"]
+    sft = r.get("trainer") == "sft"  # a chat model and tokenizer: the SFT recipes use the chat template
     if "from_config" in model:
         model["from_config"].update(TINY[model["from_config"]["model_type"]])
     else:
-        model["name_or_path"] = assets["qwen3"]
+        model["name_or_path"] = assets["qwen3_chat" if sft else "qwen3"]
     model["dtype"] = "float32"
     if "name_or_path" in r["tokenizer"]:
-        r["tokenizer"]["name_or_path"] = assets["tokenizer"]
+        r["tokenizer"]["name_or_path"] = assets["qwen3_chat" if sft else "tokenizer"]
     else:
         r["tokenizer"]["train_bpe"]["vocab_size"] = 300
     d = r["data"]
-    if "dataset" in d:  # keep every other data key (format, columns, fractions) as written
+    if "dataset" in d:  # keep every other data key (format, columns, fractions, streaming) as written
         d["dataset"] = assets["dataset"]
         d.pop("config", None)
-    d.update(block_size=32, max_train_rows=200, max_validation_rows=20)
+    # Builtin stdlib documents are whole source files (20 of them make ~8k eval blocks): fewer of those.
+    builtin = "builtin" in d
+    d.update(max_train_rows=40 if builtin else 200, max_validation_rows=2 if builtin else 20,
+             **({} if sft else {"block_size": 32}))
+    if sft:
+        r["training"]["max_length"] = 64
     small = dict(max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
                  gradient_accumulation_steps=1, bf16=False, use_cpu=True, logging_steps=1, eval_steps=1,
                  save_steps=2, dataloader_num_workers=0, report_to="none", disable_tqdm=True)

@@ -109,9 +109,9 @@ def test_bad_name_lists_ours(tmp_path):
     ],
 )
 def test_bad_optim_args_name_the_problem(tmp_path, optim_args, message):
-    trainer = Trainer(model=tiny_gpt2(), args=args_for(tmp_path, optim="mousse", optim_args=optim_args))
+    # Reported when the arguments are created, before any model exists (tests/test_early_errors.py).
     with pytest.raises(InvalidHyperparameterError, match=message):
-        trainer.create_optimizer()
+        args_for(tmp_path, optim="mousse", optim_args=optim_args)
 
 
 def test_optim_args_are_typed_and_reach_every_group(tmp_path):

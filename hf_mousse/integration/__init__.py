@@ -5,6 +5,7 @@ Imports point one way (tests/test_architecture.py):
 
     training_args -> registry -> trainer_hooks -> config -> hf_mousse.optim
     model_card    -> config, checkpoint             trainer_hooks -> checkpoint -> hf_mousse.version
+    registry -> trainer_card -> model_card, trainer_hooks
 """
 
 from .checkpoint import OPTIMIZER_FILE, load_optimizer, save_optimizer

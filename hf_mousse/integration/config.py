@@ -103,6 +103,16 @@ class SpectralConfig:
             "scalar_eps": args.adam_epsilon,
         }
 
+    def validate(self, *, lr: float = 1e-3, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 scalar_eps: float = 1e-8) -> None:
+        """Raise what building the optimizer would raise for these values, without a model: the constructor
+        runs on a 2x2 weight and a bias (state is lazy, so this allocates nothing more), so the checks are
+        the constructor's own and cannot drift from them."""
+        import torch
+
+        probe = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        self.build(probe, lr=lr, weight_decay=weight_decay, betas=betas, scalar_eps=scalar_eps)
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -300,6 +310,15 @@ def config_from_training_args(args) -> SpectralConfig:
 
 
 # ---------------------------------------------------------------------------- the Trainer's factory
+def validate_training_args(args) -> SpectralConfig:
+    """Names, keys and values of ``args``' optimizer settings checked now (``TrainingArguments`` creation),
+    with its learning rate, weight decay and Adam settings; returns the config."""
+    config = config_from_training_args(args)
+    config.validate(lr=args.learning_rate, weight_decay=args.weight_decay,
+                    betas=(args.adam_beta1, args.adam_beta2), scalar_eps=args.adam_epsilon)
+    return config
+
+
 def optimizer_cls_and_kwargs(args) -> tuple[type, dict]:
     """What ``--optim mousse|muon|mimuon`` builds: the config from ``args``, then ``for_trainer``."""
     return config_from_training_args(args).for_trainer(args)

@@ -91,6 +91,12 @@ class TrainingReport:
     peft: dict | None = None  # e.g. {"type": "LoRA", "r": 8, "target_modules": [...]}
     versions: dict[str, str] = field(default_factory=library_versions)
     eval_split: str = "validation"
+    license: str = "other"  # the card's license field (a Hub license id, or "other")
+    reproduce_command: str | None = None  # the command line that made the run, overrides included
+    resumed_from: str | None = None  # the checkpoint folder a resumed run started from
+    total_train_seconds: float | None = None  # all segments of a resumed run (train_seconds: the last one)
+    segments: int = 1  # training segments (1 + the number of resumes)
+    sft: bool = False  # fine-tuned on conversations through TRL's SFTTrainer (completion-only loss)
 
     def __post_init__(self):
         if not self.model_name or not str(self.model_name).strip():
@@ -119,12 +125,39 @@ class TrainingReport:
         return perplexity_from_loss(self.best_eval_loss)
 
 
+# ---------------------------------------------------------------------------- the optimizer as it runs
+# Param-group entries that are bookkeeping, not hyperparameters.
+_GROUP_BOOKKEEPING = ("params", "param_names", "lr", "initial_lr", "group_name", "role", "layout", "split")
+
+
+def optimizer_hyperparameters(opt) -> dict:
+    """The optimizer's class and effective settings, read from its matrix group (group 0 may be the
+    embeddings), so the card shows what ran, defaults included; ``lr`` is the peak (``initial_lr``, which
+    the scheduler records) when there is one, else the group's current value."""
+    group = next((g for g in opt.param_groups if g.get("role") == "matrix"), opt.param_groups[0])
+    return {"optimizer_class": type(opt).__name__, "lr": group.get("initial_lr", group["lr"]),
+            **{k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING}}
+
+
+def hyperparameter_table(optimizer: str, hyperparameters: dict) -> str:
+    """A Markdown table (Hyperparameter | Value | Meaning) of ``hyperparameters``, in the card's order."""
+    rows = _hyperparameter_rows(optimizer, hyperparameters)
+    lines = ["| Hyperparameter | Value | Meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{r['name']}` | {r['value']} | {r['meaning']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- rendering
 def template_text(name: str = TEMPLATE_NAME) -> str:
-    """The template's text: from the installed package ``hf_mousse.model_cards``, else from the
-    ``model_cards/`` folder of the source tree (an editable install older than the package mapping)."""
+    """The template's text: from the source checkout hf_mousse runs from, else from the installed package
+    ``hf_mousse.model_cards`` (a wheel), else from ``model_cards/`` next to the package."""
     from importlib import resources
 
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "model_cards" / name).is_file():
+        # Running from a source checkout: its own template, even when another checkout's editable
+        # install provides the package hf_mousse.model_cards (PYTHONPATH=checkout over such an install).
+        return (checkout / "model_cards" / name).read_text(encoding="utf-8")
     try:
         resource = resources.files(TEMPLATE_PACKAGE).joinpath(name)
         if resource.is_file():
@@ -136,7 +169,7 @@ def template_text(name: str = TEMPLATE_NAME) -> str:
         return source.read_text(encoding="utf-8")
     raise ModelCardError(
         f"model-card template {name!r} not found: neither the package {TEMPLATE_PACKAGE!r} nor {source} "
-        "has it. Reinstall hf_mousse (pip install hf-mousse, or pip install -e . in a checkout)")
+        "has it. Reinstall hf_mousse from its source (pip install -e . in a clone of its repository)")
 
 
 def _fmt(value) -> str:
@@ -210,9 +243,8 @@ def _meanings(optimizer: str) -> dict[str, str]:
     return {**CLASS_MEANING, **{k: HELP[k] for k in first}, **rest}
 
 
-def _hyperparameter_rows(report: TrainingReport) -> list[dict[str, str]]:
-    hyper = report.optimizer_hyperparameters
-    meanings = _meanings(report.optimizer)
+def _hyperparameter_rows(optimizer: str, hyper: dict) -> list[dict[str, str]]:
+    meanings = _meanings(optimizer)
     order = [k for k in meanings if k in hyper] + sorted(k for k in hyper if k not in meanings)
     return [{"name": k, "value": _fmt(hyper[k]), "meaning": meanings.get(k, "")} for k in order]
 
@@ -269,9 +301,11 @@ def _card_data(report: TrainingReport):
     """The card's YAML metadata, with a ``model-index`` of the final eval loss and perplexity."""
     from huggingface_hub import ModelCardData
 
-    datasets = list(report.datasets)
-    dataset_type = datasets[0] if datasets else "custom"
-    dataset_name = ", ".join(datasets) if datasets else "custom"
+    # Only Hub dataset ids go into the metadata (the Hub links them); local data is named in the text only.
+    hub_datasets = [d for d in report.datasets if _is_repo_id(d)]
+    dataset_type = hub_datasets[0] if hub_datasets else "custom"
+    dataset_name = (", ".join(f"{d[len('local:'):]} (local data)" if d.startswith("local:") else d
+                              for d in report.datasets) or "custom")
     hub_base = _hub_base(report)
     extra = {"base_model_relation": "adapter" if report.peft else "finetune"} if hub_base else {}
     return ModelCardData(
@@ -279,7 +313,8 @@ def _card_data(report: TrainingReport):
         pipeline_tag="text-generation",
         model_name=report.model_name,
         base_model=hub_base,
-        datasets=datasets or None,
+        datasets=hub_datasets or None,
+        license=report.license,
         tags=_tags(report),
         eval_results=_eval_results(report, dataset_type, dataset_name) or None,
         **extra,
@@ -298,7 +333,7 @@ def _optimizer_context(report: TrainingReport) -> dict:
         "optimizer": report.optimizer,
         "optimizer_title": OPTIMIZER_TITLES.get(report.optimizer, report.optimizer),
         "spectral": ours,
-        "hyperparameters": _hyperparameter_rows(report),
+        "hyperparameters": _hyperparameter_rows(report.optimizer, hyper),
         "adjust_lr": adjust_lr,
         "lr_convention": LR_CONVENTIONS.get(adjust_lr) if ours else None,
         "weight_decay_schedule": wd_schedule,
@@ -328,6 +363,14 @@ def _results_context(report: TrainingReport) -> dict:
         "loss_curve": Path(report.loss_curve).as_posix() if report.loss_curve else None,
         "hardware": report.hardware,
         "wall_time": _fmt_seconds(report.train_seconds),
+        "resumed_from": report.resumed_from,
+        "segments": report.segments,
+        "total_wall_time": (_fmt_seconds(report.total_train_seconds)
+                            if report.total_train_seconds is not None else None),
+        "reproduce_command": report.reproduce_command or (f"hf-mousse train {report.recipe}"
+                                                          if report.recipe else None),
+        "command_recorded": report.reproduce_command is not None,
+        "sft": report.sft,
         "versions": [{"name": k, "version": v} for k, v in report.versions.items()],
         "hf_mousse_version": report.versions.get("hf_mousse", ""),
         "recipe": report.recipe,

@@ -20,8 +20,8 @@ import sys
 import warnings
 
 from ..errors import RegistrationError
-from . import trainer_hooks
-from .config import CONFIGS, NAMES, optim_name, optimizer_cls_and_kwargs
+from . import trainer_card, trainer_hooks
+from .config import CONFIGS, NAMES, optim_name, optimizer_cls_and_kwargs, validate_training_args
 
 # [low, high) of transformers versions. Internals read on 5.23.0 and spot-checked on 5.17.0
 # (HF_INTEGRATION_FACTS.md). The tests run against whatever is installed: 5.24.0 in the development
@@ -82,6 +82,30 @@ def _add_enum_members(training_args) -> None:
         enum._value2member_map_[value] = member
 
 
+def _validate_on_creation(training_args) -> None:
+    """Check ``--optim_args`` (and ``mousse_*`` fields) of our names in ``TrainingArguments.__post_init__``,
+    so a typo fails when the arguments are parsed, not after the model is loaded and the data tokenized
+    (the Trainer builds the optimizer last). Subclasses (TRL's configs, MousseTrainingArguments) call
+    ``super().__post_init__()`` and get the check too; unpickling ``training_args.bin`` does not run it."""
+    cls = training_args.TrainingArguments
+    if cls.__dict__.get("_hf_mousse_validates"):
+        return
+    original = cls.__post_init__
+
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if optim_name(self) in registered_names():
+            validate_training_args(self)
+
+    cls.__post_init__ = __post_init__
+    cls._hf_mousse_validates = True
+
+
+def _patch_training_args(training_args) -> None:
+    _add_enum_members(training_args)
+    _validate_on_creation(training_args)
+
+
 def registered_names() -> tuple[str, ...]:
     """The names that select hf_mousse's optimizers in this process."""
     training_args = sys.modules.get("transformers.training_args")
@@ -116,12 +140,21 @@ def _patch_trainer(trainer) -> None:
         return original_get(args, model)
 
     trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+    create_optimizer = trainer_cls.create_optimizer
+
+    def create_optimizer_and_adopt(self, *args, **kwargs):
+        # Every route passes here (optimizers=, optimizer_cls_and_kwargs, --optim): tag and card hooks.
+        opt = create_optimizer(self, *args, **kwargs)
+        trainer_card.adopt(self)
+        return opt
+
+    trainer_cls.create_optimizer = create_optimizer_and_adopt
     trainer_hooks.patch(trainer_cls)
     trainer_cls._hf_mousse_patched = True
 
 
 _PATCHES = {
-    "transformers.training_args": _add_enum_members,
+    "transformers.training_args": _patch_training_args,
     "transformers.trainer_optimizer": _add_handlers,
     "transformers.trainer": _patch_trainer,
 }
@@ -164,6 +197,15 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_and_patch  # per-module loader instance
         return spec
+
+
+def post_import_spec(fullname: str, path=None, target=None):
+    """The spec of ``fullname`` with our patch attached (None if it is not watched or already patched),
+    after arming the hook for the other watched modules. For ``_hf_mousse_autoregister``, which wakes up
+    inside the import machinery's lookup of ``fullname``, after the point where our hook was consulted."""
+    install_import_hook()
+    hook = next(f for f in sys.meta_path if isinstance(f, _PostImportHook))
+    return hook.find_spec(fullname, path, target)
 
 
 def install_import_hook() -> None:

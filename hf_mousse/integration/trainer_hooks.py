@@ -160,7 +160,39 @@ def _add_metrics(self, logs: dict) -> None:
     for key in [k for k in logs if k.endswith("_loss") and k != "train_loss"]:
         logs[key[: -len("loss")] + "perplexity"] = perplexity_from_loss(logs[key])
     if opt is not None and opt.diagnostics_enabled and "loss" in logs:
-        logs.update(opt.diagnostics())
+        logs.update(applicable_diagnostics(opt))
+        _shorten_console_lines(self)
+
+
+# Counters only an optimizer with an eigenbasis refresh (Mousse) can move; others would log zeros forever.
+EIGH_COUNTERS = "optim/eigh_"
+
+
+def applicable_diagnostics(opt: SpectralOptimizer) -> dict[str, float]:
+    """``opt.diagnostics()`` without the entries that cannot apply to its algorithm (``optim/eigh_*``
+    for optimizers without a refresh: Muon, MiMuon)."""
+    from ..optim import Mousse
+
+    diagnostics = opt.diagnostics()
+    if isinstance(opt, Mousse):
+        return diagnostics
+    return {k: v for k, v in diagnostics.items() if not k.startswith(EIGH_COUNTERS)}
+
+
+def _shorten_console_lines(trainer) -> None:
+    """Keep ``optim/*`` diagnostics out of the lines the progress bar / printer callbacks print (a dozen
+    numbers per log line would bury the loss); TensorBoard and other callbacks still receive them."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, (ProgressCallback, PrinterCallback)) and "on_log" not in vars(callback):
+            printing = callback.on_log
+
+            def on_log(args, state, control, logs=None, _printing=printing, **kwargs):
+                short = logs and {k: v for k, v in logs.items() if not k.startswith("optim/")}
+                return _printing(args, state, control, logs=short, **kwargs)
+
+            callback.on_log = on_log
 
 
 def patch(trainer_cls) -> None:
