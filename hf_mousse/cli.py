@@ -28,12 +28,24 @@ def run(target: str, args: list[str], *, module: bool = False) -> None:
     if module:
         sys.argv = [target, *args]
         runpy.run_module(target, run_name="__main__", alter_sys=True)
-        return
-    if not os.path.isfile(target):
-        raise SystemExit(f"hf-mousse run: no such script: {target!r}")
-    sys.argv = [target, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python SCRIPT` sets it
-    runpy.run_path(target, run_name="__main__")
+    else:
+        if not os.path.isfile(target):
+            raise SystemExit(f"hf-mousse run: no such script: {target!r}")
+        sys.argv = [target, *args]
+        sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python SCRIPT` sets it
+        runpy.run_path(target, run_name="__main__")
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy a process group the script left open (the Trainer does): torch asks for it, and
+    leaving it to interpreter teardown can abort a finished gloo run ("terminate called without an
+    active exception") or hang it. Only after the script succeeded: on an error, other ranks may
+    still be inside a collective."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

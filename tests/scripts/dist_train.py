@@ -165,11 +165,12 @@ def main():
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump({"losses": losses, "stats": all_stats, "world": world, "matrix_params": matrices}, f)
     if world > 1:
-        # Let gloo's worker thread finish releasing the last collectives (it needs the GIL) before the
-        # process group is torn down; without this, teardown can deadlock in ~ProcessGroupGloo.
+        # Interpreter teardown of a gloo group can hang or abort a finished run (a torch race in
+        # ~ProcessGroupGloo and DDP's Reducer): every output is written, so leave without it.
         dist.barrier()
-        del wrapped
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
