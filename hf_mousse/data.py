@@ -389,17 +389,23 @@ def _stream_text_column(stream, spec: dict):
     return stream.filter(lambda r: bool(r["text"] and r["text"].strip()))
 
 
+def _packing_eos(tokenizer, block_size: int) -> int:
+    """The eos id that separates packed documents, after checking ``block_size``."""
+    if block_size < 1:
+        raise DataSpecError(f"block_size={block_size} must be a positive integer.")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataSpecError("the tokenizer has no eos token; packing needs one to separate documents.")
+    return eos
+
+
 def pack_stream(stream, tokenizer, block_size: int, batch_rows: int = 1000):
     """Tokenize a streamed ``text`` column and cut it into ``block_size`` blocks, ``batch_rows`` documents
     at a time: memory holds one batch, whatever the corpus size. Within a batch the documents are concatenated
     (eos-separated) as :func:`pack` does for a whole split; the remainder of each batch (< block_size tokens
     of ~batch_rows documents) is dropped, as run_clm.py's group_texts does. The stream keeps its shards, so
     DataLoader workers and ranks split it as datasets splits any IterableDataset."""
-    if block_size < 1:
-        raise DataSpecError(f"block_size={block_size} must be a positive integer.")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataSpecError("the tokenizer has no eos token; packing needs one to separate documents.")
+    eos = _packing_eos(tokenizer, block_size)
 
     def blocks(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
@@ -453,11 +459,7 @@ def pack(
     shifts them); both columns share one Arrow buffer, so the copy costs no memory. The packed dataset lives
     in memory (8 bytes a token), which suits the corpora of the recipes; stream larger ones instead.
     """
-    if block_size < 1:
-        raise DataSpecError(f"block_size={block_size} must be a positive integer.")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataSpecError("the tokenizer has no eos token; pack() needs one to separate documents.")
+    eos = _packing_eos(tokenizer, block_size)
 
     def tokenize(batch):
         # add_special_tokens=False: documents are separated by eos alone, not by per-model bos/cls tokens.
