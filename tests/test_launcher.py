@@ -121,7 +121,9 @@ def test_accelerate_launch_two_processes_split_the_work(tmp_path, text_file):
 def test_torchrun_without_use_cpu_warns_and_does_not_split(tmp_path, text_file):
     # On CPU without --use_cpu, the Trainer of each process trains alone: no DDP, no shared gradients.
     # Splitting the optimizer's work then would mix two models' updates; it must not happen.
-    args = script_args(text_file, tmp_path, "--optim", "mousse", "--max_steps", "2")
+    # Both processes are "process 0" of their own run, so both would write the same checkpoint
+    # directory and race (a misconfigured run's problem, which the warning names): no checkpoints.
+    args = script_args(text_file, tmp_path, "--optim", "mousse", "--max_steps", "2", "--save_strategy", "no")
     args.remove("--use_cpu")
     proc = run([*TORCHRUN_2, *args], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
