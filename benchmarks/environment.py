@@ -34,7 +34,9 @@ def git(*cmd: str) -> str:
 
 
 def git_commit() -> str:
-    return git("rev-parse", "--short", "HEAD") or "unknown"
+    """The commit, "+dirty" when tracked files differ from it (the code measured is not that commit's)."""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + "+dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def sync(device: torch.device) -> None:

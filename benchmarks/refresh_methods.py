@@ -4,17 +4,19 @@
 Mousse needs L^-alpha and R^-alpha of each (damped, trace-normalised) Kronecker factor every T steps.
 Two things decide whether something cheaper than ``torch.linalg.eigh`` can replace it faithfully:
 
-1. **Kernel cost** of the candidates' building blocks at the factor sizes of GPT-2 (768, 3072): eigh,
-   eigvalsh, QR, Cholesky and one matmul, in fp32. A matmul-only method (a coupled Newton iteration
-   for the inverse p-th root) costs about ``iters x (log2 p + 2)`` matmuls, where reaching fp32
-   accuracy takes ``iters ~ log(kappa / 2) / log((1 + 1/p)^p) + 5`` and kappa <= d / (2 eps) for a
-   trace-normalised factor: the script prints that estimate next to eigh.
+1. **Cost and accuracy** at the factor sizes of GPT-2 (768, 3072), fp32: the building blocks of the
+   candidates (eigh, eigvalsh, QR, Cholesky, one matmul), and Mousse's two refresh methods as the
+   optimizer runs them, ``refresh="eigh"`` (``kronecker.refresh_eigenbasis``) and ``refresh="newton"``
+   (``kronecker.refresh_root``: a coupled Newton iteration for the inverse p-th root, matmuls only,
+   with the iteration count of ``kronecker.newton_iterations``), each timed and each set against the
+   float64 root of the same damped factor (relative Frobenius error of f^-alpha).
 2. **Basis drift** in real training: at each refresh, how far the previous eigenbasis is from the
    new factor's. It is the starting error of any warm-started method (one subspace-iteration + QR step
    from the old basis, as SOAP does) and what a "skip the refresh while the basis is still accurate"
    rule would see. Measured as the relative Frobenius error of f^-alpha built from the old basis
    (with the old eigenvalues, or with the Rayleigh quotients diag(Q^T f Q)) against float64 eigh,
-   while a GPT-2 (d=128, 4 layers) trains with Mousse on the standard library's source.
+   while a GPT-2 (d=128, 4 layers) trains with Mousse on the standard library's source. The same
+   refreshes also give the error of both methods on real factors.
 
     python benchmarks/refresh_methods.py [--device cuda] [--out benchmarks/results/refresh_methods-cpu.json]
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -37,34 +38,77 @@ sys.path.insert(0, str(ROOT))
 from environment import device_name, git_commit, loadavg, sync  # noqa: E402
 
 
-def kernel_times(device, sizes=(768, 3072), repeats=3) -> dict:
+def _exact_root(factor: torch.Tensor, eps: float, alpha: float, bias_correction: float = 1.0) -> torch.Tensor:
+    """f^-alpha in float64 for the damped, trace-normalised factor as the refresh sees it: the eigh
+    refresh's cleaned eigenvalues are those of F_n + eps I plus eps (+2 eps in all for a PSD F_n)."""
+    d = factor.size(-1)
+    trace = factor.double().diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction
+    f = factor.double() / bias_correction * (d / trace)[..., None, None]
+    vals, vecs = torch.linalg.eigh(f)
+    return vecs @ torch.diag_embed((vals.clamp_min(0) + 2 * eps).pow(-alpha)) @ vecs.mT
+
+
+def refresh_roots(factor: torch.Tensor, eps: float, alpha: float, bias_correction: float = 1.0) -> dict:
+    """Both refresh methods on a (B, d, d) factor stack, as Mousse runs them: f^-alpha from each."""
+    from hf_mousse.optim.kronecker import EighStats, refresh_eigenbasis, refresh_root
+
+    b, d, _ = factor.shape
+    vals = torch.ones(b, d, device=factor.device)
+    vecs = torch.eye(d, device=factor.device).expand(b, d, d).clone()
+    root = vecs.clone()
+    kw = dict(bias_correction=bias_correction, eps=eps, stats=EighStats())
+    refresh_eigenbasis(factor, vals, vecs, **kw)
+    refresh_root(factor, root, alpha=alpha, **kw)
+    return {"eigh": vecs @ torch.diag_embed(vals.pow(-alpha)) @ vecs.mT, "newton": root}
+
+
+def rel_error(x: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest relative Frobenius error over the stack."""
+    return ((x.double() - exact).norm(dim=(-2, -1)) / exact.norm(dim=(-2, -1))).max().item()
+
+
+def kernel_times(device, sizes=(768, 3072), repeats=3, eps=1e-5, alpha=0.125) -> dict:
+    from hf_mousse.optim.kronecker import EighStats, refresh_eigenbasis, refresh_root
+
     out = {}
     for d in sizes:
         g = torch.randn(d, 2 * d, device=device)
         f = g @ g.T / (2 * d) + 1e-3 * torch.eye(d, device=device)
+        half = g[:, : d // 2]
+        stack = (half @ half.T)[None]  # a rank-deficient factor (rank d/2), as in training
+        vals = torch.ones(1, d, device=device)
+        vecs = torch.eye(d, device=device)[None].clone()
+        kw = dict(bias_correction=1.0, eps=eps, stats=EighStats())
         kernels = {"eigh": lambda: torch.linalg.eigh(f), "eigvalsh": lambda: torch.linalg.eigvalsh(f),
                    "qr": lambda: torch.linalg.qr(f), "cholesky": lambda: torch.linalg.cholesky(f),
-                   "matmul": lambda: f @ f}
+                   "matmul": lambda: f @ f,
+                   "refresh_eigh": lambda: refresh_eigenbasis(stack, vals, vecs, **kw),
+                   "refresh_newton": lambda: refresh_root(stack, vecs, alpha=alpha, **kw)}
         row = {}
         for name, fn in kernels.items():
             fn()
             sync(device)
             times = []
-            for _ in range(repeats):
+            for _ in range(1 if name == "refresh_newton" else repeats):  # the warm-up call is one run too
                 t0 = time.perf_counter()
                 fn()
                 sync(device)
                 times.append(time.perf_counter() - t0)
             row[name + "_ms"] = min(times) * 1e3
+        exact = _exact_root(stack, eps, alpha)
+        roots = refresh_roots(stack, eps, alpha)
+        row.update(error_eigh=rel_error(roots["eigh"], exact), error_newton=rel_error(roots["newton"], exact))
         out[str(d)] = row
     return out
 
 
 def newton_matmuls(d: int, eps: float = 1e-5, alpha: float = 0.125) -> dict:
+    """The products refresh="newton" runs per factor (the count Mousse uses for its cost model)."""
+    from hf_mousse.optim.kronecker import newton_iterations
+
     p = round(1 / alpha)
-    kappa = d / (2 * eps)
-    iters = math.ceil(math.log(kappa / 2) / math.log((1 + 1 / p) ** p)) + 5
-    return dict(p=p, kappa_bound=kappa, iterations=iters, matmuls=iters * (math.ceil(math.log2(p)) + 2))
+    iters = newton_iterations(d, p, 2 * eps)
+    return dict(p=p, iterations=iters, matmuls=iters * (p.bit_length() + p.bit_count()))
 
 
 def basis_drift(steps: int, seed: int = 0) -> list[dict]:
@@ -84,7 +128,7 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
     real = mousse_module.refresh_eigenbasis
     seen = []
 
-    def measuring(factor, eigvals, eigvecs, *, bias_correction, eps, stats):
+    def measuring(factor, eigvals, eigvecs, *, bias_correction, eps, stats, apply=None):
         d = factor.size(-1)
         trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction
         f = (factor / bias_correction * (d / trace)[:, None, None]).double()
@@ -97,9 +141,13 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
         with_rayleigh = q @ torch.diag_embed(rayleigh.clamp_min(eps).pow(-alpha)) @ q.mT
         with_old = q @ torch.diag_embed(eigvals.double().pow(-alpha)) @ q.mT
         norm = exact.norm(dim=(-2, -1))
+        methods = refresh_roots(factor, eps, alpha, bias_correction)
+        truth = _exact_root(factor, eps, alpha, bias_correction)
         seen.append((d, ((with_old - exact).norm(dim=(-2, -1)) / norm).max().item(),
-                     ((with_rayleigh - exact).norm(dim=(-2, -1)) / norm).max().item()))
-        return real(factor, eigvals, eigvecs, bias_correction=bias_correction, eps=eps, stats=stats)
+                     ((with_rayleigh - exact).norm(dim=(-2, -1)) / norm).max().item(),
+                     rel_error(methods["eigh"], truth), rel_error(methods["newton"], truth)))
+        return real(factor, eigvals, eigvecs, bias_correction=bias_correction, eps=eps, stats=stats,
+                    apply=apply)
 
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     rows = []
@@ -115,7 +163,8 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
             if seen and step > 1:
                 rows.append(dict(step=step, old_basis_old_eigenvalues=max(s[1] for s in seen),
                                  old_basis_rayleigh_eigenvalues=max(s[2] for s in seen),
-                                 median_old_basis_old_eigenvalues=statistics.median(s[1] for s in seen)))
+                                 median_old_basis_old_eigenvalues=statistics.median(s[1] for s in seen),
+                                 error_eigh=max(s[3] for s in seen), error_newton=max(s[4] for s in seen)))
             seen.clear()
     finally:
         mousse_module.refresh_eigenbasis = real
@@ -124,22 +173,33 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
 
 def render_markdown(data: dict) -> str:
     lines = [f"{data['device']}, torch {data['torch']}, commit {data['commit']}.", "",
-             "| factor size | eigh | eigvalsh | QR | Cholesky | matmul | Newton (p=8) matmuls, estimated |",
-             "|---|---|---|---|---|---|---|"]
+             "| factor size | eigh | eigvalsh | QR | Cholesky | matmul |", "|---|---|---|---|---|---|"]
     for d, r in data["kernels"].items():
-        n = data["newton"][d]
         lines.append(f"| {d} | {r['eigh_ms']:.1f} ms | {r['eigvalsh_ms']:.1f} ms | {r['qr_ms']:.1f} ms | "
-                     f"{r['cholesky_ms']:.1f} ms | {r['matmul_ms']:.2f} ms | {n['matmuls']} x "
-                     f"{r['matmul_ms']:.2f} = {n['matmuls'] * r['matmul_ms']:.0f} ms |")
+                     f"{r['cholesky_ms']:.1f} ms | {r['matmul_ms']:.2f} ms |")
+    lines += ["", "One factor's refresh as Mousse runs it (a rank-d/2 factor, eps 1e-5, alpha 1/8), and its "
+              "error against the float64 root:", "",
+              "| factor size | refresh=\"eigh\" | refresh=\"newton\" (products) | newton / eigh "
+              "| error, eigh | error, newton |", "|---|---|---|---|---|---|"]
+    for d, r in data["kernels"].items():
+        if "refresh_newton_ms" not in r:
+            continue
+        n = data["newton"][d]
+        lines.append(f"| {d} | {r['refresh_eigh_ms']:.1f} ms | {r['refresh_newton_ms']:.1f} ms "
+                     f"({n['iterations']} x {n['matmuls'] // n['iterations']}) | "
+                     f"{r['refresh_newton_ms'] / r['refresh_eigh_ms']:.2f}x | {r['error_eigh']:.1e} | "
+                     f"{r['error_newton']:.1e} |")
     drift = data.get("drift") or []
     if drift:
         lines += ["", "Old eigenbasis vs the new factor at each refresh (relative error of f^-alpha, max "
                   "over factors; median with old eigenvalues in brackets):", "",
-                  "| step | old basis, old eigenvalues | old basis, Rayleigh eigenvalues |", "|---|---|---|"]
+                  "| step | old basis, old eigenvalues | old basis, Rayleigh eigenvalues | eigh (fp32) "
+                  "| newton (fp32) |", "|---|---|---|---|---|"]
         for r in drift:
+            methods = (f"{r['error_eigh']:.1e} | {r['error_newton']:.1e}" if "error_newton" in r else "- | -")
             lines.append(f"| {r['step']} | {r['old_basis_old_eigenvalues']:.3f} "
                          f"({r['median_old_basis_old_eigenvalues']:.3f}) | "
-                         f"{r['old_basis_rayleigh_eigenvalues']:.3f} |")
+                         f"{r['old_basis_rayleigh_eigenvalues']:.3f} | {methods} |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,8 @@ def optimizers(device: torch.device, authors_src: str | None = None) -> list[dic
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="both")),
         dict(key="mousse_left", label="hf_mousse.Mousse(sides=left)", ns=auto,
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="left")),
+        dict(key="mousse_newton", label="hf_mousse.Mousse(refresh=newton)", ns=auto,
+             make=lambda ps: hf_mousse.Mousse(ps, lr=LR, refresh="newton")),
     ]
     if authors_src:
         import authors_mousse  # only with --authors-src: their code is loaded from that directory
@@ -338,8 +340,8 @@ def parse_args():
                     help="timed steps, ideally a multiple of 10 (default: 50 CUDA, 10 CPU)")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
-                         "mousse_both, mousse_left, authors (with --authors-src), mimuon, adamw (a row "
-                         "whose same-NS-dtype Muon baseline is left out gets ratio n/a)")
+                         "mousse_both, mousse_left, mousse_newton, authors (with --authors-src), mimuon, "
+                         "adamw (a row whose same-NS-dtype Muon baseline is left out gets ratio n/a)")
     ap.add_argument("--authors-src", metavar="DIR", default=None,
                     help="directory the authors' Mousse repository was exported to (outside this "
                          "checkout): adds the row 'authors' (see benchmarks/README.md)")

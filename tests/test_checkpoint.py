@@ -35,7 +35,7 @@ def train(tmp_path, text_file, optim, optim_args, *, stop_at=None, resume=None, 
 
 # Refreshes / gap tests at steps 1, 5, 9: the stop at step 6 falls between two of them.
 @pytest.mark.parametrize("optim, optim_args", [("mousse", "refresh_every=4"), ("mimuon", "gap_every=4"),
-                                               ("muon", "")])
+                                               ("muon", ""), ("mousse", "refresh_every=4, refresh=newton")])
 def test_resume_is_exact(tmp_path, text_file, optim, optim_args):
     straight, losses = train(tmp_path / "straight", text_file, optim, optim_args)
     first, head = train(tmp_path / "split", text_file, optim, optim_args, stop_at=6)

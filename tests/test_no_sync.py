@@ -96,6 +96,7 @@ CONFIGS = [
     (Muon, {"scalar_optimizer": "lion", "nesterov": False}),
     (Mousse, {}),
     (Mousse, {"nesterov": True, "sides": "left"}),
+    (Mousse, {"refresh": "newton", "refresh_every": 2}),  # refreshes at steps 3 and 5 too
     (MiMuon, {}),
 ]
 CONFIG_IDS = [f"{c.__name__}-{'-'.join(map(str, k.values())) or 'default'}" for c, k in CONFIGS]

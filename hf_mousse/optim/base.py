@@ -168,6 +168,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
     # Group keys that define which state entries a parameter has, or their shapes: a resume may not
     # change them (load_state_dict refuses). Subclasses add their own.
     state_keys_of_group: tuple[str, ...] = ("role", "layout", "split", "scalar_optimizer")
+    # Group keys a later version added, with the value every checkpoint saved before then implies.
+    keys_added_later: dict[str, object] = {}
 
     def __init__(
         self,
@@ -480,6 +482,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 f"{list(names)[:5]}: the state was saved for other parameters"
             )
         members = {"params": current["params"], **({"param_names": names} if names is not None else {})}
+        saved = {**self.keys_added_later, **saved}
         values = {k: v for k, v in saved.items() if k not in members}
         label = _group_label({**current, **values})
         self._validated({**current, **values, **members}, f"the saved param group ({label})")

@@ -48,6 +48,9 @@ HELP: dict[str, str] = {
     "refresh_schedule": "together (all matrices refresh at the same steps, as the authors' code) or "
                         "staggered (each matrix at its own phase, cost-balanced, so each step pays ~1/T of "
                         "the eigendecompositions; all still refresh at step 1)",
+    "refresh": "how a refresh computes the factors' inverse roots: eigh (eigendecomposition, the authors' "
+               "method) or newton (coupled Newton iteration, matmuls only, for alpha = 1/p with an integer "
+               "p; a fixed iteration count, no host read; see README Speed)",
     "eps": "damping of the factors, relative to their mean eigenvalue 1",
     "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
                        "that follows cancels it; kept for fidelity with the authors' code)",

@@ -49,6 +49,32 @@ def _eigh(f: torch.Tensor, stats: EighStats) -> tuple[torch.Tensor, torch.Tensor
         return None
 
 
+def _damped(
+    factor: torch.Tensor, *, bias_correction: float, eps: float, stats: EighStats, apply: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F / (1 - beta^t) scaled to mean eigenvalue 1, + eps I; a bool per factor "refresh it").
+
+    A factor with zero (or non-finite) trace is not refreshed: an all-zero gradient must not produce
+    NaN (the official code divides by the trace unguarded); invalid entries become eps I so the
+    decomposition never sees NaN (their result is discarded). Non-finite ones are counted
+    (``stats.nonfinite_factors``): an overflowed factor stays overflowed, its preconditioner frozen.
+    ``apply`` (a 0-d bool tensor), when false, refreshes nothing, without a host read.
+    One temporary of the factor's size: the scale is one multiply, eps goes on the diagonal in place.
+    """
+    d = factor.size(-1)
+    trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
+    finite = torch.isfinite(trace)
+    valid = finite & (trace > torch.finfo(factor.dtype).tiny * d)
+    if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
+        valid = valid & apply
+    stats.count_nonfinite(finite.logical_not() if apply is None else finite.logical_not() & apply)
+    scale = d / (torch.where(valid, trace, torch.ones_like(trace)) * bias_correction)
+    f = factor * scale[:, None, None]
+    f.masked_fill_(~valid[:, None, None], 0.0)
+    f.diagonal(dim1=-2, dim2=-1).add_(eps)
+    return f, valid
+
+
 def refresh_eigenbasis(
     factor: torch.Tensor,
     eigvals: torch.Tensor,
@@ -63,28 +89,10 @@ def refresh_eigenbasis(
 
     ``bias_correction`` is 1 - beta**t (1 to disable). Steps: F / (1 - beta^t), scale to mean
     eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps
-    (and clamp at eps, which only rounding needs).
-    A factor with zero (or non-finite) trace keeps its old basis: an all-zero gradient must not
-    produce NaN (the official code divides by the trace unguarded). Non-finite ones are counted
-    (``stats.nonfinite_factors``): an overflowed factor stays overflowed, its basis frozen.
-
-    One temporary of the factor's size (the damped, normalised copy) besides eigh's own: the scale
-    is applied in one multiply and eps on the diagonal in place; results are selected into the
-    state in place. ``apply`` (a 0-d bool tensor), when false, keeps every old basis without a host read.
+    (and clamp at eps, which only rounding needs). Factors :func:`_damped` finds invalid, and all
+    of them when ``apply`` is false, keep their old basis; results are selected into the state in place.
     """
-    d = factor.size(-1)
-    trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
-    finite = torch.isfinite(trace)
-    valid = finite & (trace > torch.finfo(factor.dtype).tiny * d)
-    if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
-        valid = valid & apply
-    stats.count_nonfinite(finite.logical_not() if apply is None else finite.logical_not() & apply)
-    # F / (1 - beta^t) * d / trace, as one scale; invalid entries become eps I so eigh never sees NaN
-    # (their result is discarded below).
-    scale = d / (torch.where(valid, trace, torch.ones_like(trace)) * bias_correction)
-    f = factor * scale[:, None, None]
-    f.masked_fill_(~valid[:, None, None], 0.0)
-    f.diagonal(dim1=-2, dim2=-1).add_(eps)
+    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
     result = _eigh(f, stats)
     if result is None:  # some matrix in the batch failed both ways: retry one by one
         vals, vecs = eigvals.clone(), eigvecs.clone()
@@ -108,6 +116,77 @@ def refresh_eigenbasis(
     stats.refreshed += f.size(0)
 
 
+def newton_iterations(d: int, p: int, eps: float) -> int:
+    """Coupled Newton iterations that take every eigenvalue of a damped factor (in [eps, d + eps])
+    to fp32 convergence, from that bound alone, so that no iterate is read back to test convergence.
+
+    With M_0 = z A, z = (p + 1) / (2 ||A||_F), the eigenvalues of M_0 lie in [mu_lo, (p + 1) / 2],
+    mu_lo = (p + 1) eps / (2 (d + eps)). Each iteration maps every eigenvalue by
+    g(mu) = mu ((p + 1 - mu) / p)^p, which rises on (0, 1] and falls on [1, p + 1] towards g's fixed
+    point 1, so the two ends of the interval are the slowest to arrive: count theirs (in float64)."""
+    def steps(mu: float) -> int:
+        n = 0
+        while abs(mu - 1) > 2.0**-24:
+            mu, n = mu * ((p + 1 - mu) / p) ** p, n + 1
+        return n
+
+    return max(steps((p + 1) * eps / (2 * (d + eps))), steps((p + 1) / 2)) + 1
+
+
+def _matrix_power(x: torch.Tensor, p: int) -> torch.Tensor:
+    """x^p for a stack, by repeated squaring (floor(log2 p) + popcount(p) - 1 products)."""
+    result = None
+    while True:
+        if p & 1:
+            result = x if result is None else result @ x
+        p >>= 1
+        if not p:
+            return result
+        x = x @ x
+
+
+def inverse_root_newton(a: torch.Tensor, p: int, iterations: int) -> torch.Tensor:
+    """A^(-1/p) for a stack of symmetric positive definite A, by the coupled Newton iteration
+    (Guo & Higham 2006, as in Shampoo implementations), matmuls only:
+
+        T_k = ((p + 1) I - M_k) / p,   X_{k+1} = X_k T_k,   M_{k+1} = T_k^p M_k,
+
+    from X_0 = z^(1/p) I, M_0 = z A, so that M_k = X_k^p A -> I and X_k -> A^(-1/p). Every iterate is
+    a polynomial in A, so they commute and stay symmetric up to rounding (symmetrised at the end)."""
+    z = (p + 1) / (2 * torch.linalg.matrix_norm(a))  # ||A||_F >= the largest eigenvalue
+    eye = torch.eye(a.size(-1), dtype=a.dtype, device=a.device)
+    m = a * z[:, None, None]
+    x = eye * z.pow(1.0 / p)[:, None, None]
+    for _ in range(iterations):
+        t = (eye * (p + 1) - m) / p
+        x = x @ t
+        m = _matrix_power(t, p) @ m
+    return (x + x.mT) / 2
+
+
+def refresh_root(
+    factor: torch.Tensor,
+    root: torch.Tensor,
+    *,
+    alpha: float,
+    bias_correction: float,
+    eps: float,
+    stats: EighStats,
+    apply: torch.Tensor | None = None,
+) -> None:
+    """``refresh="newton"``: recompute (in place) root = (F_n + 2 eps I)^-alpha of each normalised
+    factor F_n (as :func:`refresh_eigenbasis` normalises it) by :func:`inverse_root_newton`, with
+    alpha = 1/p for an integer p. This is the preconditioner Q diag(lambda)^-alpha Q^T of the eigh
+    refresh, whose cleaned eigenvalues are those of F_n + eps I shifted by max(0, -min) + eps: +2 eps
+    for a positive semi-definite F_n (the max(0, -min) part is rounding only)."""
+    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
+    f.diagonal(dim1=-2, dim2=-1).add_(eps)
+    p = round(1 / alpha)
+    new = inverse_root_newton(f, p, newton_iterations(f.size(-1), p, 2 * eps))
+    torch.where(valid[:, None, None], new, root, out=root)
+    stats.refreshed += f.size(0)
+
+
 def precondition(
     direction: torch.Tensor,
     left: tuple[torch.Tensor, torch.Tensor] | None,
@@ -120,7 +199,8 @@ def precondition(
 
     ``direction`` is the stack (B, m, n) being orthogonalised (momentum or Nesterov mix), already
     rounded to the NS dtype by the caller as the authors' code does. ``left``/``right`` are
-    (eigvals, eigvecs) stacks or None for a side that is not preconditioned. ``orthogonalize`` maps an
+    (eigvals, eigvecs) stacks, inverse-root stacks (B, d, d) (refresh="newton"), or None for a side
+    that is not preconditioned. ``orthogonalize`` maps an
     fp32 stack to its NS output (any dtype). Returns fp32.
 
     Rotating, whitening, orthogonalising and mapping back equals L^-a NS(L^-a M R^-a) R^-a for the
@@ -129,18 +209,22 @@ def precondition(
     """
     x = direction.float()
     scale = torch.ones((), device=x.device)
-    if left is not None:
+    if isinstance(left, torch.Tensor):  # refresh="newton": L^-alpha itself
+        x = left @ x
+    elif left is not None:
         x = left[1].mT @ x
         scale = scale * left[0].pow(alpha)[:, :, None]
-    if right is not None:
+    if isinstance(right, torch.Tensor):
+        x = x @ right
+    elif right is not None:
         x = x @ right[1]
         scale = scale * right[0].pow(alpha)[:, None, :]
     o = orthogonalize(x / scale).float()
     u = o / scale  # the same negative power again (author blog, official code)
     if left is not None:
-        u = left[1] @ u
+        u = (left if isinstance(left, torch.Tensor) else left[1]) @ u
     if right is not None:
-        u = u @ right[1].mT
+        u = u @ (right if isinstance(right, torch.Tensor) else right[1].mT)
     if graft:
         target = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
         norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True)

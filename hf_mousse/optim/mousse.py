@@ -5,24 +5,28 @@ their class default; their runs used 0.06) and the scalar path (AdamW; theirs: L
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import state_keys as keys
 from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
-from .kronecker import gram, precondition, refresh_eigenbasis
+from .kronecker import gram, newton_iterations, precondition, refresh_eigenbasis, refresh_root
 from .roles import matrix_dims
 
 SIDES = ("both", "left", "right")
 REFRESH_SCHEDULES = ("together", "staggered")
+REFRESH_METHODS = ("eigh", "newton")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
 MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
 
 class Mousse(SpectralOptimizer):
     momentum_form = "heavy_ball"
-    # factors per side; staggered refresh phases in the state
-    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule")
+    # factors per side; staggered refresh phases; eigenbases or inverse roots
+    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule", "refresh")
+    keys_added_later = {"refresh": "eigh"}  # checkpoints from before refresh= all used eigh
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class Mousse(SpectralOptimizer):
         beta: float = 0.95,
         refresh_every: int = 10,
         refresh_schedule: str = "together",
+        refresh: str = "eigh",
         eps: float = 1e-5,
         bias_correction: bool = True,
         grafting: bool = True,
@@ -47,8 +52,8 @@ class Mousse(SpectralOptimizer):
         **shared,
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, alpha=alpha,
-                        beta=beta, refresh_every=refresh_every,
-                        refresh_schedule=refresh_schedule, eps=eps, bias_correction=bias_correction,
+                        beta=beta, refresh_every=refresh_every, refresh_schedule=refresh_schedule,
+                        refresh=refresh, eps=eps, bias_correction=bias_correction,
                         grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
                         adjust_lr=adjust_lr)
         self._pending_phases: dict[torch.Tensor, int] = {}  # staggered phases dealt, not yet in state
@@ -70,6 +75,13 @@ class Mousse(SpectralOptimizer):
         _check(_is_int(t) and t >= 1, "refresh_every", t, "an int >= 1")
         _check(g["refresh_schedule"] in REFRESH_SCHEDULES, "refresh_schedule", g["refresh_schedule"],
                f"one of {REFRESH_SCHEDULES}")
+        _check(g["refresh"] in REFRESH_METHODS, "refresh", g["refresh"], f"one of {REFRESH_METHODS}")
+        if g["refresh"] == "newton":
+            # The coupled Newton iteration computes A^(-1/p) for an integer p.
+            p = 1 / a if _is_real(a) and a > 0 else math.inf
+            _check(math.isfinite(p) and abs(p - round(p)) < 1e-9, "alpha", a,
+                   "1/p for an integer p >= 1 with refresh='newton' (e.g. 0.125, 0.25, 0.5, 1); use "
+                   "refresh='eigh' for other exponents")
         _check(_is_real(eps) and eps >= MIN_FLOOR, "eps", eps, f"a finite float >= {MIN_FLOOR:.3g} "
                "(float32's smallest normal number: the eigenvalue floor must hold in the fp32 factors)")
         # Whitening and unwhitening divide by eigenvalues >= eps raised to alpha, per side: a direction
@@ -88,6 +100,9 @@ class Mousse(SpectralOptimizer):
         for side in _SIDES[group["sides"]]:
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
+            if group["refresh"] == "newton":  # the identity until the refresh at step 1
+                state[keys.kron_root(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+                continue
             # The official code starts from eigenvalues 0; 1 only differs if the first refresh
             # sees a zero gradient, where 0 ** -alpha would be inf.
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
@@ -118,8 +133,9 @@ class Mousse(SpectralOptimizer):
         return update.to(bucket.x.dtype), lr_ratio(group["adjust_lr"], m, n)
 
     def _update_side(self, bucket: Bucket, g: torch.Tensor, side: str):
-        """EMA of one side's factors from the gradient stack ``g``; refresh the eigenbases that are
-        due. Returns the bucket's (eigenvalues, eigenvectors) stacks for preconditioning."""
+        """EMA of one side's factors from the gradient stack ``g``; refresh the eigenbases (or inverse
+        roots) that are due. Returns the bucket's (eigenvalues, eigenvectors) stacks, or its inverse
+        roots' stack, for preconditioning."""
         group = bucket.group
         factors = [s[keys.kron(side)] for s in bucket.states]
         gg = gram(g, side)
@@ -128,15 +144,20 @@ class Mousse(SpectralOptimizer):
         for factor, st in zip(factors, bucket.states):
             # Step counters are per parameter (one that skipped a gradient lags behind), and so is
             # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
-            t = st[keys.STEP]
-            if self._refresh_due(st, group):
-                refresh_eigenbasis(
-                    factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)],
-                    bias_correction=(1 - group["beta"] ** t) if group["bias_correction"] else 1.0,
-                    eps=group["eps"], stats=self.eigh_stats,
-                    # on a non-finite step the old basis is kept (no copy: the result is selected in place)
-                    apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
-                )
+            if not self._refresh_due(st, group):
+                continue
+            common = dict(
+                bias_correction=(1 - group["beta"] ** st[keys.STEP]) if group["bias_correction"] else 1.0,
+                eps=group["eps"], stats=self.eigh_stats,
+                # on a non-finite step the old basis is kept (no copy: the result is selected in place)
+                apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
+            )
+            if group["refresh"] == "newton":
+                refresh_root(factor, st[keys.kron_root(side)], alpha=group["alpha"], **common)
+            else:
+                refresh_eigenbasis(factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)], **common)
+        if group["refresh"] == "newton":
+            return self._stacked_state(bucket, keys.kron_root(side))
         return (self._stacked_state(bucket, keys.kron_eigvals(side)),
                 self._stacked_state(bucket, keys.kron_eigvecs(side)))
 
@@ -179,13 +200,24 @@ class Mousse(SpectralOptimizer):
 
     def _block_cost(self, group: dict, m: int, n: int) -> float:
         # + the factor EMAs and the rotations in and out of the eigenbases (~3 products per side), and
-        # the refresh's eigendecompositions (~10 d^3 each), amortised over refresh_every steps.
+        # the refresh (an eigendecomposition, ~10 d^3, or the Newton iteration's products), amortised
+        # over refresh_every steps.
         sides = [m if side == "left" else n for side in _SIDES[group["sides"]]]
-        per_step = sum(3.0 * d * m * n + 10.0 * d**3 / group["refresh_every"] for d in sides)
+        t = group["refresh_every"]
+        per_step = sum(3.0 * d * m * n + self._refresh_flops(group, d) / t for d in sides)
         return super()._block_cost(group, m, n) + per_step
 
+    @staticmethod
+    def _refresh_flops(group: dict, d: int) -> float:
+        if group["refresh"] == "eigh":
+            return 10.0 * d**3
+        p = round(1 / group["alpha"])
+        products = p.bit_length() + p.bit_count()  # T^p: log2 p + popcount - 1; then T^p M and X T
+        return 2.0 * d**3 * products * newton_iterations(d, p, group["eps"])
+
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
-        """Largest condition number of the (damped) Kronecker factors at their last refresh, per side."""
+        """Largest condition number of the (damped) Kronecker factors at their last refresh, per side
+        (from the eigenvalues: refresh="newton" computes none)."""
         out = {}
         for side in ("left", "right"):
             conds = [(v.amax(-1) / v.amin(-1)).amax() for st in self.state.values()
@@ -201,7 +233,8 @@ Per matrix W (m x n, "left" = output side), with gradient G and heavy-ball momen
 
     L <- beta L + (1 - beta) G G^T;   R <- beta R + (1 - beta) G^T G      (fp32, every step)
     every ``refresh_every`` steps: eigendecompose the bias-corrected, trace-normalised factors
-    (+ eps I), shifting eigenvalues to be >= eps
+    (+ eps I), shifting eigenvalues to be >= eps (refresh="newton": their inverse roots by a coupled
+    Newton iteration, matmuls only)
     U = L^-alpha NS(L^-alpha M R^-alpha) R^-alpha, rescaled to ||NS(...)||_F (grafting)
     W <- W (1 - lr wd) - lr sqrt(m / n) U
 

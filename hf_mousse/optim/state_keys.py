@@ -28,3 +28,8 @@ def kron_eigvals(side: str) -> str:
 def kron_eigvecs(side: str) -> str:
     """Mousse: the eigenvectors (eigenbasis) of the factor at its last refresh."""
     return f"kron_{side}_eigvecs"
+
+
+def kron_root(side: str) -> str:
+    """Mousse, refresh="newton": the factor's inverse root (F + eps I)^-alpha at its last refresh."""
+    return f"kron_{side}_root"

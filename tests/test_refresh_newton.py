@@ -1,0 +1,135 @@
+"""refresh="newton": the factors' inverse roots by the coupled Newton iteration (matmuls only) follow
+the float64 reference (which uses eigh) within the same bar as refresh="eigh", converge at the worst
+condition the damping allows, and keep the state and resume rules."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+from test_reference import SHAPES, STEPS, grads_for, rel_err, run_fast
+
+from hf_mousse import Mousse, load_optimizer, save_optimizer
+from hf_mousse.errors import CheckpointError
+from hf_mousse.optim import state_keys
+from hf_mousse.optim.kronecker import inverse_root_newton, newton_iterations
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+def test_newton_refresh_matches_reference(shape, sides):
+    """test_reference.py's eigh test with refresh="newton": the same reference, the same 1e-4 bar."""
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = grads_for(shape)
+    kw = dict(lr=0.02, weight_decay=0.01, sides=sides, refresh_every=10, eps=1e-3)
+    expected = ref.mousse(w0, grads, **kw)
+    got, opt = run_fast(Mousse, w0, grads, refresh="newton", **kw)
+    assert opt.stats()["eigh_refreshes"] == 3 * (2 if sides == "both" else 1)  # refreshes at t = 1, 11, 21
+    state = next(iter(opt.state.values()))
+    assert state_keys.kron_root("left") in state or sides == "right"
+    assert not any(k.endswith(("_eigvals", "_eigvecs")) for k in state)
+    for t in (0, 9, 10, 19, 20, STEPS - 1):
+        assert rel_err(got[t], expected[t], w0) < 1e-4, f"step {t + 1}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(alpha=0.25, nesterov=True), dict(alpha=0.5, refresh_every=3, bias_correction=False)],
+    ids=["paper-defaults", "alpha.25-nesterov", "alpha.5-T3-nobc"],
+)
+def test_newton_refresh_options_match_reference(options):
+    """The paper's eps (1e-5) on full-rank factors, and other roots p = 1 / alpha."""
+    w0 = torch.randn(12, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = grads_for((12, 12), seed=3)
+    kw = dict(lr=0.02, **options)
+    expected = ref.mousse(w0, grads, **kw)
+    got, _ = run_fast(Mousse, w0, grads, refresh="newton", **kw)
+    assert rel_err(got[-1], expected[-1], w0) < 1e-4
+
+
+def _extreme_factor(d: int, eps: float, seed: int) -> torch.Tensor:
+    """A damped, trace-normalised rank-1 factor: eigenvalues d + eps once and eps d - 1 times, the
+    spread that newton_iterations' bound is for (smallest eigenvalue eps, ||A||_F ~ d)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    vals = torch.full((d,), eps, dtype=torch.float64)
+    vals[0] += d
+    return (q * vals) @ q.mT, q, vals
+
+
+def _rel(x: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((x.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+def test_inverse_root_converges_at_the_damping_bound(p, eps):
+    """At the worst spread the damping allows, the iteration count from the bound reaches the root of
+    the fp32 input as closely as fp32 eigh does (both limited by fp32 rounding at condition d / eps),
+    and the count is not loose: four fewer iterations are far from converged."""
+    d = 64
+    a, _, _ = _extreme_factor(d, eps, seed=p)
+    a32 = a.float()
+    vals, vecs = torch.linalg.eigh(a32.double())  # the exact root of what fp32 holds
+    expected = (vecs * vals.pow(-1.0 / p)) @ vecs.mT
+    v32, q32 = torch.linalg.eigh(a32)
+    eigh_err = _rel((q32 * v32.clamp_min(eps).pow(-1.0 / p)) @ q32.mT, expected)
+    n = newton_iterations(d, p, eps)
+    got = inverse_root_newton(a32[None], p, n)[0]
+    assert _rel(got, expected) < 3 * eigh_err
+    assert torch.equal(got, got.mT)
+    if eps == 1e-3:  # at 1e-5 fp32 rounding (~eps) hides the last iterations
+        assert _rel(inverse_root_newton(a32[None], p, n - 4)[0], expected) > 10 * _rel(got, expected)
+
+
+def test_alpha_must_be_one_over_an_integer():
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    for alpha in (0.3, 0.0):
+        with pytest.raises(ValueError, match=r"alpha.*1/p for an integer p >= 1 with refresh='newton'.*"
+                                             r"refresh='eigh'"):
+            Mousse([w], alpha=alpha, refresh="newton")
+    with pytest.raises(ValueError, match=r"refresh.*one of \('eigh', 'newton'\)"):
+        Mousse([w], refresh="qr")
+    Mousse([w], alpha=0.3)  # eigh takes any alpha
+
+
+def _stepped(refresh: str, steps: int = 3) -> tuple[torch.nn.Module, Mousse]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    opt = Mousse.for_model(model, lr=0.02, refresh_every=2, refresh=refresh)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_resume_is_exact_and_the_method_cannot_change(tmp_path):
+    model, opt = _stepped("newton")
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(opt, path)
+    fresh = Mousse.for_model(model, lr=0.02, refresh_every=2, refresh="newton")
+    load_optimizer(fresh, path)
+    for p in opt.state:
+        for k, v in opt.state[p].items():
+            w = fresh.state[p][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+    other = Mousse.for_model(model, lr=0.02, refresh_every=2)  # eigh: the saved roots would not fit
+    message = r"with refresh='eigh': the state was saved with refresh='newton'"
+    with pytest.raises(CheckpointError, match=message):
+        load_optimizer(other, path)
+
+
+def test_a_checkpoint_from_before_the_option_resumes_as_eigh():
+    """Groups saved before refresh= existed have no such key: they were all eigh."""
+    model, opt = _stepped("eigh")
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["refresh"]
+    Mousse.for_model(model, lr=0.02, refresh_every=2).load_state_dict(sd)
+    message = r"with refresh='newton': the state was saved with refresh='eigh'"
+    with pytest.raises(CheckpointError, match=message):
+        Mousse.for_model(model, lr=0.02, refresh_every=2, refresh="newton").load_state_dict(sd)
