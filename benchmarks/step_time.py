@@ -138,40 +138,47 @@ def refresh_period(opt) -> int | None:
 
 
 # ---------------------------------------------------------------------------- timing
-def time_one(row: dict, master_params, master_grads, device, warmup: int, iters: int) -> dict:
-    params = [torch.nn.Parameter(p.clone()) for p in master_params]
-    for p, g in zip(params, master_grads):
-        p.grad = g.clone()
-    opt = row["make"](params)
-    for _ in range(warmup):  # includes step 1: lazy state allocation (+ first refresh for Mousse)
-        opt.step()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    period = refresh_period(opt)
-    steps = range(warmup + 1, warmup + iters + 1)  # optimizer step numbers, 1-based
-    refresh = [period is not None and (period == 1 or t % period == 1) for t in steps]
-    plain = [t for t, r in zip(times, refresh) if not r] or times
-    result = dict(
-        key=row["key"], label=row["label"], ns_dtype=row["ns"],
-        median_ms=statistics.median(times),
-        median_no_refresh_ms=statistics.median(plain),
-        mean_ms=statistics.fmean(times),
-        refresh_every=period,
-        refresh_steps_timed=sum(refresh),
-        times_ms=times,
-        stats=opt.stats() if hasattr(opt, "stats") else None,
-    )
-    del opt, params
+def time_rows(rows: list[dict], master_params, master_grads, device, warmup: int, iters: int) -> list[dict]:
+    """Every row's optimizer on its own copy of the same parameters and gradients, stepped in turn:
+    step t of every row, then step t + 1 (the row that goes first rotates), so that a drift in the
+    machine's speed (other load, clocks) falls on all rows alike instead of on whichever ran last."""
+    runs = []
+    for row in rows:
+        params = [torch.nn.Parameter(p.clone()) for p in master_params]
+        for p, g in zip(params, master_grads):
+            p.grad = g.clone()
+        runs.append((row, row["make"](params), []))
+    for step in range(warmup + iters):  # the warm-up includes step 1: lazy state (+ Mousse's first refresh)
+        k = step % len(runs)
+        for _row, opt, times in runs[k:] + runs[:k]:
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            if step >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        print(f"    step {step + 1}/{warmup + iters}" + (" (warm-up)" if step < warmup else ""), flush=True)
+    results = []
+    for row, opt, times in runs:
+        period = refresh_period(opt)
+        steps = range(warmup + 1, warmup + iters + 1)  # optimizer step numbers, 1-based
+        refresh = [period is not None and (period == 1 or t % period == 1) for t in steps]
+        plain = [t for t, r in zip(times, refresh) if not r] or times
+        results.append(dict(
+            key=row["key"], label=row["label"], ns_dtype=row["ns"],
+            median_ms=statistics.median(times),
+            median_no_refresh_ms=statistics.median(plain),
+            mean_ms=statistics.fmean(times),
+            refresh_every=period,
+            refresh_steps_timed=sum(refresh),
+            times_ms=times,
+            stats=opt.stats() if hasattr(opt, "stats") else None,
+        ))
+    del runs
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return results
 
 
 def run_set(name: str, args, device, rows) -> dict:
@@ -190,14 +197,12 @@ def run_set(name: str, args, device, rows) -> dict:
               f"layers, every dimension x{args.scale:g}. Absolute times are not the real model's.")
 
     master_params, master_grads = make_data(shapes, device, args.seed)
-    results = []
-    for row in rows:
-        t0 = time.perf_counter()
-        print(f"  timing {row['label']} ...", end="", flush=True)
-        results.append(time_one(row, master_params, master_grads, device, args.warmup, args.iters))
-        results[-1]["loadavg_1min_after"] = loadavg()
-        print(f" done in {time.perf_counter() - t0:.1f} s (load average {loadavg():.2f})",
-              flush=True)
+    t0 = time.perf_counter()
+    print(f"  timing {', '.join(row['label'] for row in rows)}, interleaved ...", flush=True)
+    results = time_rows(rows, master_params, master_grads, device, args.warmup, args.iters)
+    for r in results:
+        r["loadavg_1min_after"] = loadavg()
+    print(f"  done in {time.perf_counter() - t0:.1f} s (load average {loadavg():.2f})", flush=True)
     del master_params, master_grads
 
     add_ratios(results, auto_ns_dtype(device.type))
