@@ -208,25 +208,31 @@ def precondition(
     rotations: NS(Q X P^T) = Q NS(X) P^T.
     """
     x = direction.float()
-    scale = torch.ones((), device=x.device)
+    # D^-alpha per side as row / column multipliers: (B, m, 1) and (B, 1, n), never an (m, n) tensor.
+    whiten = []
     if isinstance(left, torch.Tensor):  # refresh="newton": L^-alpha itself
         x = left @ x
     elif left is not None:
         x = left[1].mT @ x
-        scale = scale * left[0].pow(alpha)[:, :, None]
+        whiten.append(left[0].pow(-alpha)[:, :, None])
     if isinstance(right, torch.Tensor):
         x = x @ right
     elif right is not None:
         x = x @ right[1]
-        scale = scale * right[0].pow(alpha)[:, None, :]
-    o = orthogonalize(x / scale).float()
-    u = o / scale  # the same negative power again (author blog, official code)
+        whiten.append(right[0].pow(-alpha)[:, None, :])
+    for w in whiten:  # in place: x is a fresh product whenever a side has an eigenbasis
+        x.mul_(w)
+    o = orthogonalize(x).float()
+    if graft:
+        target = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
+    u = o
+    for w in whiten:  # the same negative power again (author blog, official code)
+        u = u * w if u is o else u.mul_(w)
     if left is not None:
         u = (left if isinstance(left, torch.Tensor) else left[1]) @ u
     if right is not None:
         u = u @ (right if isinstance(right, torch.Tensor) else right[1].mT)
     if graft:
-        target = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
         norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True)
         u = u * (target / norm.clamp_min(torch.finfo(u.dtype).tiny))
     return u
