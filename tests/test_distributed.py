@@ -66,7 +66,7 @@ def assert_work_split(run: dict, model: str = "gpt2", lora: bool = False) -> Non
     assert all(c > 0 for c in counts), counts  # and every rank took a share
 
 
-@pytest.mark.parametrize("optim", ["muon", "mousse", "mimuon"])
+@pytest.mark.parametrize("optim", ["muon", "mousse", "mimuon", "mousse_newton"])
 def test_ddp_split_matches_one_process(tmp_path, reference, optim):
     one = reference("--optim", optim)
     two = launch(tmp_path, "--optim", optim, "--engine", "ddp")
@@ -102,13 +102,14 @@ def test_fsdp2_without_the_split_is_refused(tmp_path):
     assert "sharded (DTensor) matrix" in proc.stderr and "distributed=False" in proc.stderr
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_save_on_two_ranks_resumes_on_one_and_on_two(tmp_path, reference, engine):
-    whole = reference("--optim", "mousse", "--model", "qwen3")
-    saved = launch(tmp_path / "saved", "--optim", "mousse", "--model", "qwen3", "--engine", engine,
+@pytest.mark.parametrize(("engine", "optim"),
+                         [("ddp", "mousse"), ("fsdp2", "mousse"), ("fsdp2", "mousse_newton")])
+def test_save_on_two_ranks_resumes_on_one_and_on_two(tmp_path, reference, engine, optim):
+    whole = reference("--optim", optim, "--model", "qwen3")
+    saved = launch(tmp_path / "saved", "--optim", optim, "--model", "qwen3", "--engine", engine,
                    "--save-at", "10")
     assert (tmp_path / "saved" / "optimizer.safetensors").is_file()
-    resumed = {n: launch(tmp_path / f"resumed{n}", "--optim", "mousse", "--model", "qwen3",
+    resumed = {n: launch(tmp_path / f"resumed{n}", "--optim", optim, "--model", "qwen3",
                          "--engine", engine, "--resume", str(tmp_path / "saved"), nproc=n) for n in (1, 2)}
     for n, run in resumed.items():
         assert len(run["losses"]) == STEPS - 10

@@ -27,7 +27,8 @@ import hf_mousse  # noqa: E402
 from hf_mousse.integration.checkpoint import load_optimizer, save_optimizer  # noqa: E402
 
 OPTIMIZERS = {"muon": (hf_mousse.Muon, {}), "mimuon": (hf_mousse.MiMuon, {"gap_every": 3}),
-              "mousse": (hf_mousse.Mousse, {"refresh_every": 3})}
+              "mousse": (hf_mousse.Mousse, {"refresh_every": 3}),
+              "mousse_newton": (hf_mousse.Mousse, {"refresh_every": 3, "refresh": "newton"})}
 GLOBAL_BATCH, SEQ = 4, 16
 
 
