@@ -7,6 +7,7 @@ import reference as ref
 import torch
 
 from hf_mousse import MiMuon, Mousse, Muon
+from hf_mousse.optim import state_keys
 
 SHAPES = {"square": (12, 12), "wide": (8, 20), "tall": (20, 8)}
 STEPS = 25  # crosses eigenbasis refreshes at t = 1, 11, 21
@@ -38,7 +39,9 @@ def rel_err(fast, reference, w0):
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("sides", ["both", "left", "right"])
-def test_mousse_matches_reference(shape, sides):
+@pytest.mark.parametrize("refresh", ["eigh", "newton"])
+def test_mousse_matches_reference(shape, sides, refresh):
+    """Both refresh methods against the same reference (which uses eigh), with the same bar."""
     # eps = 1e-3: on wide/tall matrices the long-side factor is rank-deficient after one step, and
     # its null-space eigenvalues (about eps) carry fp32 eigh noise of ~1e-6. With eps = 1e-5 that is
     # a few % of lambda^-alpha there (the official code has the same fp32 sensitivity), which would
@@ -47,8 +50,12 @@ def test_mousse_matches_reference(shape, sides):
     grads = grads_for(shape)
     kw = dict(lr=0.02, weight_decay=0.01, sides=sides, refresh_every=10, eps=1e-3)
     expected = ref.mousse(w0, grads, **kw)
-    got, opt = run_fast(Mousse, w0, grads, **kw)
-    assert opt.stats()["eigh_refreshes"] == 3 * (2 if sides == "both" else 1)
+    got, opt = run_fast(Mousse, w0, grads, refresh=refresh, **kw)
+    assert opt.stats()["eigh_refreshes"] == 3 * (2 if sides == "both" else 1)  # refreshes at t = 1, 11, 21
+    if refresh == "newton":  # the state holds inverse roots, not eigenbases
+        state = next(iter(opt.state.values()))
+        assert state_keys.kron_root("left") in state or sides == "right"
+        assert not any(k.endswith(("_eigvals", "_eigvecs")) for k in state)
     for t in (0, 9, 10, 19, 20, STEPS - 1):
         assert rel_err(got[t], expected[t], w0) < 1e-4, f"step {t + 1}"
 

@@ -133,6 +133,15 @@ def newton_iterations(d: int, p: int, eps: float) -> int:
     return max(steps((p + 1) * eps / (2 * (d + eps))), steps((p + 1) / 2)) + 1
 
 
+def newton_plan(d: int, alpha: float, eps: float) -> tuple[int, int, int]:
+    """(p, iterations, matrix products) of refresh="newton" on a d x d factor damped by eps: p = 1 / alpha;
+    the iterated matrix's smallest eigenvalue is 2 eps (see :func:`refresh_root`); each iteration
+    takes floor(log2 p) + popcount(p) - 1 products for T^p (:func:`_matrix_power`), then T^p M and X T."""
+    p = round(1 / alpha)
+    iterations = newton_iterations(d, p, 2 * eps)
+    return p, iterations, iterations * (p.bit_length() + p.bit_count())
+
+
 def _matrix_power(x: torch.Tensor, p: int) -> torch.Tensor:
     """x^p for a stack, by repeated squaring (floor(log2 p) + popcount(p) - 1 products)."""
     result = None
@@ -181,8 +190,8 @@ def refresh_root(
     for a positive semi-definite F_n (the max(0, -min) part is rounding only)."""
     f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
     f.diagonal(dim1=-2, dim2=-1).add_(eps)
-    p = round(1 / alpha)
-    new = inverse_root_newton(f, p, newton_iterations(f.size(-1), p, 2 * eps))
+    p, iterations, _ = newton_plan(f.size(-1), alpha, eps)
+    new = inverse_root_newton(f, p, iterations)
     torch.where(valid[:, None, None], new, root, out=root)
     stats.refreshed += f.size(0)
 

@@ -12,7 +12,7 @@ import torch
 from . import state_keys as keys
 from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
-from .kronecker import gram, newton_iterations, precondition, refresh_eigenbasis, refresh_root
+from .kronecker import gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
 from .roles import matrix_dims
 
 SIDES = ("both", "left", "right")
@@ -211,9 +211,7 @@ class Mousse(SpectralOptimizer):
     def _refresh_flops(group: dict, d: int) -> float:
         if group["refresh"] == "eigh":
             return 10.0 * d**3
-        p = round(1 / group["alpha"])
-        products = p.bit_length() + p.bit_count()  # T^p: log2 p + popcount - 1; then T^p M and X T
-        return 2.0 * d**3 * products * newton_iterations(d, p, group["eps"])
+        return 2.0 * d**3 * newton_plan(d, group["alpha"], group["eps"])[2]
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side
