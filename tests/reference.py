@@ -70,15 +70,18 @@ def _refresh(f, t, beta, eps, bias_correction):
 
 def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.01, alpha=0.125, beta=0.95,
            refresh_every=10, eps=1e-5, bias_correction=True, grafting=True, sides="both",
-           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm", refresh_phase=0):
+           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm", refresh_phase=0, refresh_delay=0):
     """§b.4 pseudocode, float64, bf16 casts omitted. Returns the weight after each step.
-    ``refresh_phase`` p != 0 (hf_mousse's staggered schedule) refreshes at t = 1 and t = 1 + p + jT."""
+    ``refresh_phase`` p != 0 (hf_mousse's staggered schedule) refreshes at t = 1 and t = 1 + p + jT.
+    ``refresh_delay`` d: a refresh computed at step t > 1 (from the factors as of step t) is used from
+    step t + d on; the one at t = 1 at once."""
     w = w0.double().clone()
     m, n = w.shape
     M = torch.zeros_like(w)
     L, R = torch.zeros(m, m, dtype=w.dtype), torch.zeros(n, n, dtype=w.dtype)
     use_left, use_right = sides in ("both", "left"), sides in ("both", "right")
     lam_l = q_l = lam_r = q_r = None
+    landing = {}  # step -> the bases computed refresh_delay steps earlier
     out = []
     for t, g in enumerate(grads, start=1):
         g = g.double()
@@ -89,10 +92,11 @@ def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.
         if use_right:
             R = beta * R + (1 - beta) * g.T @ g
         if t == 1 or (t - 1 - refresh_phase) % refresh_every == 0:
-            if use_left:
-                lam_l, q_l = _refresh(L, t, beta, eps, bias_correction)
-            if use_right:
-                lam_r, q_r = _refresh(R, t, beta, eps, bias_correction)
+            left = _refresh(L, t, beta, eps, bias_correction) if use_left else (None, None)
+            right = _refresh(R, t, beta, eps, bias_correction) if use_right else (None, None)
+            landing[t if t == 1 else t + refresh_delay] = (*left, *right)
+        if t in landing:
+            lam_l, q_l, lam_r, q_r = landing.pop(t)
         x = u
         if use_left:
             x = (q_l.T @ x) / lam_l.pow(alpha)[:, None]

@@ -113,6 +113,13 @@ class StepGate:
             t.masked_fill_(self.flags(t.device)[1], 0)
         return t
 
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst <- src``; unchanged on a non-finite step."""
+        if not self.active:
+            dst.copy_(src)
+        else:
+            torch.where(self.flags(dst.device)[0], src, dst, out=dst)
+
     def select(self, new: torch.Tensor, old) -> torch.Tensor:
         """``new`` on a finite step, ``old`` (a tensor or a scalar) otherwise."""
         if not self.active:

@@ -51,6 +51,13 @@ HELP: dict[str, str] = {
     "refresh": "how a refresh computes the factors' inverse roots: eigh (eigendecomposition, the authors' "
                "method) or newton (coupled Newton iteration, matmuls only, for alpha = 1/p with an integer "
                "p; a fixed iteration count, no host read; see README Speed)",
+    "refresh_delay": "d: a refresh due at step t > 1 is computed in the background (a worker thread; on "
+                     "CUDA a side stream) while steps t ... t + d - 1 use the previous basis, and is used "
+                     "from step t + d on; the run does not depend on when it finishes. 0 (the authors' "
+                     "schedule): computed and used at step t. An int in [0, refresh_every - 1]",
+    "matmul_dtype": "dtype of the factor EMAs' products (G G^T, G^T G) and of the rotations into and out of "
+                    "the eigenbases: float32 (the authors') or bfloat16 (tensor cores on a GPU, fp32 "
+                    "accumulation; the factors and bases stay fp32)",
     "eps": "damping of the factors, relative to their mean eigenvalue 1",
     "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
                        "that follows cancels it; kept for fidelity with the authors' code)",

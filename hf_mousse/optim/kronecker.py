@@ -5,6 +5,7 @@ All functions work on stacks: factors (B, d, d), eigenvalues (B, d), matrices (B
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,23 @@ class EighStats:
             self.pending = None
 
 
-def gram(g: torch.Tensor, side: str) -> torch.Tensor:
-    """G G^T (left, m x m) or G^T G (right, n x n) for a stack G (B, m, n)."""
-    return g @ g.mT if side == "left" else g.mT @ g
+def gram(g: torch.Tensor, side: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """G G^T (left, m x m) or G^T G (right, n x n) for a stack G (B, m, n), fp32; the product in
+    ``dtype`` (see :func:`matmul`)."""
+    return matmul(g, g.mT, dtype) if side == "left" else matmul(g.mT, g, dtype)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b as fp32, computed in ``dtype``: bfloat16 runs on tensor cores (fp32 accumulation, the
+    result rounded to bf16 once, then widened); float32 is the faithful product."""
+    if dtype == torch.float32:
+        return a.float() @ b.float()
+    if a.device.type == "cpu":
+        # CPUs without bf16 units run a bf16 GEMM ~60x slower than fp32. The same numbers at fp32
+        # speed: the product of two bf16 values is exact in fp32, so an fp32 GEMM of the rounded
+        # inputs is what a tensor core accumulates (up to summation order); then one rounding.
+        return (a.to(dtype).float() @ b.to(dtype).float()).to(dtype).float()
+    return (a.to(dtype) @ b.to(dtype)).float()
 
 
 def _eigh(f: torch.Tensor, stats: EighStats) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -84,6 +99,7 @@ def refresh_eigenbasis(
     eps: float,
     stats: EighStats,
     apply: torch.Tensor | None = None,
+    run=None,
 ) -> None:
     """Recompute (in place) the eigenbasis of each normalised factor in the stack.
 
@@ -91,29 +107,42 @@ def refresh_eigenbasis(
     eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps
     (and clamp at eps, which only rounding needs). Factors :func:`_damped` finds invalid, and all
     of them when ``apply`` is false, keep their old basis; results are selected into the state in place.
+
+    The damped copy of the factor is taken at once; the decomposition and the writes into
+    ``eigvals``/``eigvecs`` are a function handed to ``run`` (default: called now), so that a
+    :class:`BackgroundRefresh` can run them beside the next steps.
     """
     f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
-    result = _eigh(f, stats)
-    if result is None:  # some matrix in the batch failed both ways: retry one by one
-        vals, vecs = eigvals.clone(), eigvecs.clone()
-        ok = torch.zeros(f.size(0), dtype=torch.bool, device=f.device)
-        for i in range(f.size(0)):
-            r = _eigh(f[i], stats)
-            if r is None:
-                stats.failures += 1
-            else:
-                vals[i], vecs[i] = r
-                ok[i] = True
-        valid = valid & ok
-    else:
-        vals, vecs = result
-    vals += torch.clamp(-vals.amin(dim=-1, keepdim=True), min=0.0) + eps
-    # The floor must hold in fp32 too: a shift >> eps absorbs eps (1e-7 + 1e-14 == 1e-7 in fp32) and
-    # leaves an eigenvalue of 0, whose negative power is inf. Exact arithmetic never clamps here.
-    vals.clamp_min_(eps)
-    torch.where(valid[:, None], vals, eigvals, out=eigvals)
-    torch.where(valid[:, None, None], vecs, eigvecs, out=eigvecs)
     stats.refreshed += f.size(0)
+
+    def finish() -> None:
+        ok = valid
+        result = _eigh(f, stats)
+        if result is None:  # some matrix in the batch failed both ways: retry one by one
+            vals, vecs = eigvals.clone(), eigvecs.clone()
+            done = torch.zeros(f.size(0), dtype=torch.bool, device=f.device)
+            for i in range(f.size(0)):
+                r = _eigh(f[i], stats)
+                if r is None:
+                    stats.failures += 1
+                else:
+                    vals[i], vecs[i] = r
+                    done[i] = True
+            ok = ok & done
+        else:
+            vals, vecs = result
+        vals += torch.clamp(-vals.amin(dim=-1, keepdim=True), min=0.0) + eps
+        # The floor must hold in fp32 too: a shift >> eps absorbs eps (1e-7 + 1e-14 == 1e-7 in fp32) and
+        # leaves an eigenvalue of 0, whose negative power is inf. Exact arithmetic never clamps here.
+        vals.clamp_min_(eps)
+        torch.where(ok[:, None], vals, eigvals, out=eigvals)
+        torch.where(ok[:, None, None], vecs, eigvecs, out=eigvecs)
+
+    (run or _now)(finish)
+
+
+def _now(fn) -> None:
+    fn()
 
 
 def newton_iterations(d: int, p: int, eps: float) -> int:
@@ -182,27 +211,91 @@ def refresh_root(
     eps: float,
     stats: EighStats,
     apply: torch.Tensor | None = None,
+    run=None,
 ) -> None:
     """``refresh="newton"``: recompute (in place) root = (F_n + 2 eps I)^-alpha of each normalised
     factor F_n (as :func:`refresh_eigenbasis` normalises it) by :func:`inverse_root_newton`, with
     alpha = 1/p for an integer p. This is the preconditioner Q diag(lambda)^-alpha Q^T of the eigh
     refresh, whose cleaned eigenvalues are those of F_n + eps I shifted by max(0, -min) + eps: +2 eps
-    for a positive semi-definite F_n (the max(0, -min) part is rounding only)."""
+    for a positive semi-definite F_n (the max(0, -min) part is rounding only). ``run`` as in
+    :func:`refresh_eigenbasis`."""
     f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
     f.diagonal(dim1=-2, dim2=-1).add_(eps)
     p, iterations, _ = newton_plan(f.size(-1), alpha, eps)
-    new = inverse_root_newton(f, p, iterations)
-    torch.where(valid[:, None, None], new, root, out=root)
     stats.refreshed += f.size(0)
+
+    def finish() -> None:
+        new = inverse_root_newton(f, p, iterations)
+        torch.where(valid[:, None, None], new, root, out=root)
+
+    (run or _now)(finish)
+
+
+class BackgroundRefresh:
+    """Runs refresh computations beside the training step (``refresh_delay`` > 0): one worker thread
+    takes them in order; on CUDA each runs on a side stream that first waits for the main stream's
+    work up to the submission (the damped factor is ready), so the main stream never waits for a
+    refresh unless it asks for the result (:meth:`wait`). The thread is there because ``eigh``
+    synchronises the host on CUDA: it blocks the worker, not the step.
+
+    Results never depend on timing: a task writes only into its own target tensors, which the
+    optimizer reads only after :meth:`wait`."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._tasks: dict[object, tuple] = {}  # key -> (future, the task's inputs, kept alive until waited)
+
+    def submit(self, key, fn, device: torch.device, keep=()) -> None:
+        """Run ``fn()`` in the background as task ``key`` (one task per key at a time)."""
+        self.wait(key)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_mousse-refresh")
+        if device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()  # on the current (main) stream
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+
+            def task():
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    fn()
+                    done = torch.cuda.Event()
+                    done.record(stream)
+                return done
+        else:
+            task = fn
+        # ``keep`` and ``fn`` stay referenced here until wait(): a tensor the side stream reads is only
+        # freed (and its memory reused by the main stream) after the main stream has waited for it.
+        self._tasks[key] = (self._pool.submit(task), device, fn, keep)
+
+    def wait(self, key) -> None:
+        """Make task ``key``'s results visible to the current stream (nothing if there is none): a host
+        wait until the worker has run it (CPU) or queued it (CUDA), then, on CUDA, a stream wait."""
+        entry = self._tasks.pop(key, None)
+        if entry is None:
+            return
+        future, device = entry[0], entry[1]
+        done = future.result()  # re-raises what the task raised
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
+
+    def wait_all(self) -> None:
+        for key in list(self._tasks):
+            self.wait(key)
+
+    def pending(self) -> int:
+        return len(self._tasks)
 
 
 def precondition(
     direction: torch.Tensor,
-    left: tuple[torch.Tensor, torch.Tensor] | None,
-    right: tuple[torch.Tensor, torch.Tensor] | None,
+    left: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
+    right: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
     alpha: float,
     orthogonalize,
     graft: bool,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """U = Q_L D_L^-a NS(D_L^-a Q_L^T M Q_R D_R^-a) D_R^-a Q_R^T, grafted to ||NS(...)||_F.
 
@@ -210,25 +303,32 @@ def precondition(
     rounded to the NS dtype by the caller as the authors' code does. ``left``/``right`` are
     (eigvals, eigvecs) stacks, inverse-root stacks (B, d, d) (refresh="newton"), or None for a side
     that is not preconditioned. ``orthogonalize`` maps an
-    fp32 stack to its NS output (any dtype). Returns fp32.
+    fp32 stack to its NS output (any dtype). The four rotations are products in ``matmul_dtype``
+    (:func:`matmul`). Returns fp32.
 
     Rotating, whitening, orthogonalising and mapping back equals L^-a NS(L^-a M R^-a) R^-a for the
     damped factors L = Q_L D_L Q_L^T, R = Q_R D_R Q_R^T, because NS commutes with orthogonal
     rotations: NS(Q X P^T) = Q NS(X) P^T.
     """
+    def rotation(side):  # (the matrix the side multiplies by, D^-alpha or None), cast once
+        if side is None:
+            return None, None
+        if isinstance(side, torch.Tensor):  # refresh="newton": the inverse root itself
+            return side.to(matmul_dtype), None
+        return side[1].to(matmul_dtype), side[0].pow(-alpha)
+
+    (q_l, d_l), (q_r, d_r) = rotation(left), rotation(right)
     x = direction.float()
     # D^-alpha per side as row / column multipliers: (B, m, 1) and (B, 1, n), never an (m, n) tensor.
     whiten = []
-    if isinstance(left, torch.Tensor):  # refresh="newton": L^-alpha itself
-        x = left @ x
-    elif left is not None:
-        x = left[1].mT @ x
-        whiten.append(left[0].pow(-alpha)[:, :, None])
-    if isinstance(right, torch.Tensor):
-        x = x @ right
-    elif right is not None:
-        x = x @ right[1]
-        whiten.append(right[0].pow(-alpha)[:, None, :])
+    if q_l is not None:
+        x = matmul(q_l if d_l is None else q_l.mT, x, matmul_dtype)
+    if d_l is not None:
+        whiten.append(d_l[:, :, None])
+    if q_r is not None:
+        x = matmul(x, q_r, matmul_dtype)
+    if d_r is not None:
+        whiten.append(d_r[:, None, :])
     for w in whiten:  # in place: x is a fresh product whenever a side has an eigenbasis
         x.mul_(w)
     o = orthogonalize(x).float()
@@ -237,10 +337,10 @@ def precondition(
     u = o
     for w in whiten:  # the same negative power again (author blog, official code)
         u = u * w if u is o else u.mul_(w)
-    if left is not None:
-        u = (left if isinstance(left, torch.Tensor) else left[1]) @ u
-    if right is not None:
-        u = u @ (right if isinstance(right, torch.Tensor) else right[1].mT)
+    if q_l is not None:
+        u = matmul(q_l, u, matmul_dtype)
+    if q_r is not None:
+        u = matmul(u, q_r if d_r is None else q_r.mT, matmul_dtype)
     if graft:
         norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True)
         u = u * (target / norm.clamp_min(torch.finfo(u.dtype).tiny))

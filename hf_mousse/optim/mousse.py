@@ -12,21 +12,26 @@ import torch
 from . import state_keys as keys
 from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
 from .hyperparameters import args_doc
-from .kronecker import gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
+from .kronecker import BackgroundRefresh, gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
 from .roles import matrix_dims
 
 SIDES = ("both", "left", "right")
 REFRESH_SCHEDULES = ("together", "staggered")
 REFRESH_METHODS = ("eigh", "newton")
+MATMUL_DTYPES = ("float32", "bfloat16")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
+_MATMUL_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
 
 class Mousse(SpectralOptimizer):
     momentum_form = "heavy_ball"
     # factors per side; staggered refresh phases; eigenbases or inverse roots
-    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule", "refresh")
-    keys_added_later = {"refresh": "eigh"}  # checkpoints from before refresh= all used eigh
+    # (+ refresh_delay: whether the state holds the pending refresh results)
+    state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule", "refresh",
+                           "refresh_delay")
+    # checkpoints from before these options all used eigh, no delay, fp32 matmuls
+    keys_added_later = {"refresh": "eigh", "refresh_delay": 0, "matmul_dtype": "float32"}
 
     def __init__(
         self,
@@ -41,6 +46,8 @@ class Mousse(SpectralOptimizer):
         refresh_every: int = 10,
         refresh_schedule: str = "together",
         refresh: str = "eigh",
+        refresh_delay: int = 0,
+        matmul_dtype: str = "float32",
         eps: float = 1e-5,
         bias_correction: bool = True,
         grafting: bool = True,
@@ -53,10 +60,12 @@ class Mousse(SpectralOptimizer):
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, alpha=alpha,
                         beta=beta, refresh_every=refresh_every, refresh_schedule=refresh_schedule,
-                        refresh=refresh, eps=eps, bias_correction=bias_correction,
+                        refresh=refresh, refresh_delay=refresh_delay, matmul_dtype=matmul_dtype, eps=eps,
+                        bias_correction=bias_correction,
                         grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
                         adjust_lr=adjust_lr)
         self._pending_phases: dict[torch.Tensor, int] = {}  # staggered phases dealt, not yet in state
+        self._background = BackgroundRefresh()  # refreshes running beside the step (refresh_delay > 0)
         super().__init__(params, defaults, **shared)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -76,6 +85,12 @@ class Mousse(SpectralOptimizer):
         _check(g["refresh_schedule"] in REFRESH_SCHEDULES, "refresh_schedule", g["refresh_schedule"],
                f"one of {REFRESH_SCHEDULES}")
         _check(g["refresh"] in REFRESH_METHODS, "refresh", g["refresh"], f"one of {REFRESH_METHODS}")
+        d = g["refresh_delay"]
+        _check(_is_int(d) and 0 <= d < (t if _is_int(t) else 1), "refresh_delay", d,
+               f"an int in [0, refresh_every - 1] = [0, {t - 1}]: a refresh must be installed before the "
+               "next one is computed (raise refresh_every, or lower refresh_delay)")
+        _check(g["matmul_dtype"] in MATMUL_DTYPES, "matmul_dtype", g["matmul_dtype"],
+               f"one of {MATMUL_DTYPES}")
         if g["refresh"] == "newton":
             # The coupled Newton iteration computes A^(-1/p) for an integer p.
             p = 1 / a if _is_real(a) and a > 0 else math.inf
@@ -107,6 +122,10 @@ class Mousse(SpectralOptimizer):
             # sees a zero gradient, where 0 ** -alpha would be inf.
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
             state[keys.kron_eigvecs(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+        if group["refresh_delay"]:
+            for side in _SIDES[group["sides"]]:
+                for key in self._basis_keys(group, side):
+                    state[keys.pending(key)] = state[key].clone()
 
     def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
         new = not self.state.get(p)
@@ -127,39 +146,77 @@ class Mousse(SpectralOptimizer):
         eig = {side: self._update_side(bucket, g, side) for side in _SIDES[group["sides"]]}
         update = precondition(
             bucket.x, eig.get("left"), eig.get("right"), group["alpha"],
-            lambda y: self.orthogonalize(group, y), group["grafting"],
+            lambda y: self.orthogonalize(group, y), group["grafting"], _MATMUL_DTYPE[group["matmul_dtype"]],
         )
         _, m, n = bucket.x.shape
         return update.to(bucket.x.dtype), lr_ratio(group["adjust_lr"], m, n)
 
+    @staticmethod
+    def _basis_keys(group: dict, side: str) -> tuple[str, ...]:
+        """The state entries one side's refresh writes: its inverse root, or eigenvalues and eigenvectors."""
+        if group["refresh"] == "newton":
+            return (keys.kron_root(side),)
+        return keys.kron_eigvals(side), keys.kron_eigvecs(side)
+
     def _update_side(self, bucket: Bucket, g: torch.Tensor, side: str):
         """EMA of one side's factors from the gradient stack ``g``; refresh the eigenbases (or inverse
         roots) that are due. Returns the bucket's (eigenvalues, eigenvectors) stacks, or its inverse
-        roots' stack, for preconditioning."""
+        roots' stack, for preconditioning.
+
+        With ``refresh_delay`` d > 0 a refresh due at step t > 1 is computed from the factor as of step
+        t into the pending entries, in the background, and installed at the start of step t + d's
+        preconditioning: the same run whenever it finishes. The refresh at t = 1 is installed at once
+        (there is no earlier basis to keep using)."""
         group = bucket.group
         factors = [s[keys.kron(side)] for s in bucket.states]
-        gg = gram(g, side)
+        gg = gram(g, side, _MATMUL_DTYPE[group["matmul_dtype"]])
         self._gate.lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
                          1 - group["beta"])
-        for factor, st in zip(factors, bucket.states):
-            # Step counters are per parameter (one that skipped a gradient lags behind), and so is
-            # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
-            if not self._refresh_due(st, group):
+        delay, basis = group["refresh_delay"], self._basis_keys(group, side)
+        for p, factor, st in zip(bucket.params, factors, bucket.states):
+            task = (id(p), side)
+            if self._refresh_due(st, group):
+                # Step counters are per parameter (one that skipped a gradient lags behind), and so is
+                # the bias correction 1 - beta^t: each parameter refreshes on its own schedule.
+                targets = [st[keys.pending(k) if delay else k] for k in basis]
+                background = delay and st[keys.STEP] > 1
+                common = dict(
+                    bias_correction=(1 - group["beta"] ** st[keys.STEP]) if group["bias_correction"] else 1.0,
+                    eps=group["eps"], stats=self.eigh_stats,
+                    # on a non-finite step the old basis is kept (no copy: the result is selected in place)
+                    apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
+                    run=(lambda fn, task=task, dev=factor.device: self._background.submit(task, fn, dev))
+                    if background else None,
+                )
+                if group["refresh"] == "newton":
+                    refresh_root(factor, *targets, alpha=group["alpha"], **common)
+                else:
+                    refresh_eigenbasis(factor, *targets, **common)
+                if background:
+                    continue
+            elif not (delay and self._refresh_lands(st, group)):
                 continue
-            common = dict(
-                bias_correction=(1 - group["beta"] ** st[keys.STEP]) if group["bias_correction"] else 1.0,
-                eps=group["eps"], stats=self.eigh_stats,
-                # on a non-finite step the old basis is kept (no copy: the result is selected in place)
-                apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
-            )
-            if group["refresh"] == "newton":
-                refresh_root(factor, st[keys.kron_root(side)], alpha=group["alpha"], **common)
-            else:
-                refresh_eigenbasis(factor, st[keys.kron_eigvals(side)], st[keys.kron_eigvecs(side)], **common)
-        if group["refresh"] == "newton":
-            return self._stacked_state(bucket, keys.kron_root(side))
-        return (self._stacked_state(bucket, keys.kron_eigvals(side)),
-                self._stacked_state(bucket, keys.kron_eigvecs(side)))
+            if delay:  # install the pending result (a gated copy: none on a non-finite step)
+                self._background.wait(task)
+                for k in basis:
+                    self._gate.copy_(st[k], st[keys.pending(k)])
+        stacks = tuple(self._stacked_state(bucket, k) for k in basis)
+        return stacks if len(stacks) > 1 else stacks[0]
+
+    def _refresh_lands(self, state: dict, group: dict) -> bool:
+        """Whether a background refresh (due at step t - refresh_delay > 1) is installed at this step t."""
+        t = state[keys.STEP] - group["refresh_delay"]
+        return t > 1 and is_due(t - state.get(keys.REFRESH_PHASE, 0), group["refresh_every"])
+
+    def state_dict(self):
+        """As the base class's, with every background refresh finished first: a checkpoint taken while
+        one is pending holds its result in the pending entries and resumes exactly."""
+        self._background.wait_all()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._background.wait_all()  # nothing may write into the state being replaced
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _refresh_due(state: dict, group: dict) -> bool:

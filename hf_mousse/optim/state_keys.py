@@ -33,3 +33,9 @@ def kron_eigvecs(side: str) -> str:
 def kron_root(side: str) -> str:
     """Mousse, refresh="newton": the factor's inverse root (F + eps I)^-alpha at its last refresh."""
     return f"kron_{side}_root"
+
+
+def pending(key: str) -> str:
+    """Mousse, refresh_delay > 0: the refresh result computed in the background, installed into ``key``
+    (an eigenbasis entry or a root) ``refresh_delay`` steps after the refresh that computed it."""
+    return f"{key}_pending"
