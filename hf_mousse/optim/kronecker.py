@@ -39,16 +39,19 @@ def gram(g: torch.Tensor, side: str, dtype: torch.dtype = torch.float32) -> torc
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """a @ b as fp32, computed in ``dtype``: bfloat16 runs on tensor cores (fp32 accumulation, the
-    result rounded to bf16 once, then widened); float32 is the faithful product."""
+    """a @ b for stacks (B, ., .), fp32 out, with the inputs in ``dtype``. bfloat16: tensor-core
+    products (inputs rounded to bf16, accumulated and returned in fp32, never rounded to bf16: a
+    rounded result would break the factors' positive semi-definiteness by more than the damping eps,
+    while G~ G~^T of rounded inputs stays an exact Gram matrix). float32 is the faithful product."""
     if dtype == torch.float32:
         return a.float() @ b.float()
-    if a.device.type == "cpu":
-        # CPUs without bf16 units run a bf16 GEMM ~60x slower than fp32. The same numbers at fp32
-        # speed: the product of two bf16 values is exact in fp32, so an fp32 GEMM of the rounded
-        # inputs is what a tensor core accumulates (up to summation order); then one rounding.
-        return (a.to(dtype).float() @ b.to(dtype).float()).to(dtype).float()
-    return (a.to(dtype) @ b.to(dtype)).float()
+    a, b = a.to(dtype), b.to(dtype)
+    if a.device.type == "cuda":
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    # CPUs without bf16 units run bf16 GEMMs ~60x slower than fp32. The same numbers at fp32 speed:
+    # the product of two bf16 values is exact in fp32, so an fp32 GEMM of the rounded inputs is what
+    # a tensor core computes (up to summation order).
+    return a.float() @ b.float()
 
 
 def _eigh(f: torch.Tensor, stats: EighStats) -> tuple[torch.Tensor, torch.Tensor] | None:
