@@ -66,7 +66,7 @@ def assert_work_split(run: dict, model: str = "gpt2", lora: bool = False) -> Non
     assert all(c > 0 for c in counts), counts  # and every rank took a share
 
 
-@pytest.mark.parametrize("optim", ["muon", "mousse", "mimuon", "mousse_newton"])
+@pytest.mark.parametrize("optim", ["muon", "mousse", "mimuon", "mousse_newton", "mousse_delay"])
 def test_ddp_split_matches_one_process(tmp_path, reference, optim):
     one = reference("--optim", optim)
     two = launch(tmp_path, "--optim", optim, "--engine", "ddp")

@@ -97,6 +97,8 @@ CONFIGS = [
     (Mousse, {}),
     (Mousse, {"nesterov": True, "sides": "left"}),
     (Mousse, {"refresh": "newton", "refresh_every": 2}),  # refreshes at steps 3 and 5 too
+    # refreshes start at steps 3 and 5 in the background, the first installed at step 4
+    (Mousse, {"refresh_every": 2, "refresh_delay": 1, "matmul_dtype": "bfloat16"}),
     (MiMuon, {}),
 ]
 CONFIG_IDS = [f"{c.__name__}-{'-'.join(map(str, k.values())) or 'default'}" for c, k in CONFIGS]
@@ -175,14 +177,18 @@ def test_nonfinite_step_changes_nothing_and_raises_at_the_next_check(cls, bad, d
     assert opt.stats()["nonfinite_skips"] == 1
 
 
+@pytest.mark.parametrize("delay", [0, 1])
 @pytest.mark.parametrize("sync", ["state_dict", "diagnostics", "check_finite"])
-def test_every_natural_sync_reports(sync):
+def test_every_natural_sync_reports(sync, delay):
     """Two bad steps (an inf in a matrix at a refresh step, then a NaN in the scalar path): the next
     state_dict() / diagnostics() / check_finite() raises naming both (in param-group order: matrices
     first), and neither changed anything. The refresh at t = 3 would see factors that moved since the
-    last refresh (t = 2 was a finite step), so an unguarded refresh would change the eigenbases."""
+    last refresh (t = 2 was a finite step), so an unguarded refresh would change the eigenbases.
+    With refresh_delay=1 the refresh starts at t = 3 and is installed at t = 4, both bad steps: the
+    pending result and the bases must stay as they were."""
     params = make_params()
-    opt = Mousse(named(params), lr=0.02, scalar_weight_decay=0.1, refresh_every=2)  # refreshes t = 1, 3, 5
+    opt = Mousse(named(params), lr=0.02, scalar_weight_decay=0.1, refresh_every=2,  # refreshes t = 1, 3, 5
+                 refresh_delay=delay)
     opt.diagnostics_enabled = sync == "diagnostics"
     for s in (1, 2):
         set_grads(params, s)

@@ -13,7 +13,7 @@ import reference as ref
 import torch
 
 from hf_mousse import Mousse, load_optimizer, save_optimizer
-from hf_mousse.errors import CheckpointError, InvalidHyperparameterError
+from hf_mousse.errors import CheckpointError, InvalidHyperparameterError, NonFiniteGradientError
 from hf_mousse.optim import kronecker, state_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -210,3 +210,25 @@ def test_pending_results_are_state_only_with_a_delay():
     _, opt, params = run(w0, grads, steps=1, refresh_delay=1, refresh="newton", **KW)
     assert {k for k in opt.state[params[0]] if k.endswith("_pending")} == {
         state_keys.pending(state_keys.kron_root(s)) for s in ("left", "right")}
+
+
+def test_a_nonfinite_step_installs_nothing():
+    """The refresh started at t = 5 (finite) lands at t = 6, whose gradient holds a NaN: like every
+    write of a non-finite step, the install is withheld (bases and pending results unchanged), and
+    the error comes at the next check."""
+    w0, grads = problem([(10, 6)])
+    params = [torch.nn.Parameter(w0[0].float().clone())]
+    opt = Mousse(params, refresh_delay=1, **KW)
+    for t in range(5):
+        params[0].grad = grads[0][t].float()
+        opt.step()
+    opt._background.wait_all()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    assert not torch.equal(before["kron_left_eigvecs"], before["kron_left_eigvecs_pending"])  # a new basis
+    params[0].grad = grads[0][5].float()
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    after = opt.state[params[0]]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(NonFiniteGradientError, match="non-finite gradient"):
+        opt.check_finite()

@@ -28,7 +28,9 @@ from hf_mousse.integration.checkpoint import load_optimizer, save_optimizer  # n
 
 OPTIMIZERS = {"muon": (hf_mousse.Muon, {}), "mimuon": (hf_mousse.MiMuon, {"gap_every": 3}),
               "mousse": (hf_mousse.Mousse, {"refresh_every": 3}),
-              "mousse_newton": (hf_mousse.Mousse, {"refresh_every": 3, "refresh": "newton"})}
+              "mousse_newton": (hf_mousse.Mousse, {"refresh_every": 3, "refresh": "newton"}),
+              "mousse_delay": (hf_mousse.Mousse, {"refresh_every": 3, "refresh_delay": 2,
+                                                  "refresh_schedule": "staggered"})}
 GLOBAL_BATCH, SEQ = 4, 16
 
 
