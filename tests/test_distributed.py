@@ -93,6 +93,46 @@ def test_fsdp2_matches_one_process(tmp_path, reference, optim, model, build, lor
     assert_work_split(two, model, lora)
 
 
+def _max_rel_err(one: dict, two: dict) -> float:
+    return max(((a - two[n]).norm() / a.norm().clamp_min(1e-12)).item() for n, a in one.items())
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_split_applies_weight_decay(tmp_path, reference, engine):
+    """lr * wd = 0.02: the decay alone shrinks the matrices by 0.98 per step, so over the run it moves
+    the weights far beyond the tolerance (checked against the default weight decay, 1e-4 per step); a
+    split step that dropped or mis-scaled the decay could not match the single process."""
+    decayed = ("--optim", "muon", "--weight-decay", "10")
+    one = reference(*decayed)
+    assert _max_rel_err(one["weights"], reference("--optim", "muon")["weights"]) > 10 * BF16_RTOL
+    two = launch(tmp_path, *decayed, "--engine", engine)
+    assert_same_weights(one["weights"], two["weights"])
+    assert_work_split(two)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(tmp_path, reference, nonfinite):
+    """A NaN in rank 0's shard of one gradient only: rank 1's shards are finite, yet every rank must
+    skip the step alike (the finite flags are agreed over the ranks), so no rank changes any of its
+    shards, every rank counts the skip, and with "raise" check_finite() raises on every rank. The run
+    then goes on as the single process with the same NaN (which sees the whole gradient) does.
+    --timeout: a rank left waiting in a collective by another that skipped fails instead of hanging."""
+    args = ("--optim", "mousse", "--steps", "5", "--nan-at", "3", "--nonfinite", nonfinite)
+    two = launch(tmp_path, *args, "--engine", "fsdp2", "--timeout", "60")
+    bad = "transformer.h.0.mlp.c_fc.weight"  # the script's --nan-in
+    for rank, step in enumerate(two["nan_step"]):
+        assert step["changed"] == [], (rank, step["changed"])
+        if nonfinite == "raise":
+            assert f"non-finite gradient (inf or NaN) in {bad} " in (step["error"] or ""), rank
+        else:
+            assert step["error"] is None, rank
+    assert [s["nonfinite_skips"] for s in two["stats"]] == [1, 1]
+    one = reference(*args)
+    assert one["stats"][0]["nonfinite_skips"] == 1 and one["nan_step"][0]["changed"] == []
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    assert_same_weights(one["weights"], two["weights"])
+
+
 def test_fsdp2_without_the_split_is_refused(tmp_path):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", SCRIPT, "--out", str(tmp_path),
            "--engine", "fsdp2", "--no-split", "--steps", "1"]

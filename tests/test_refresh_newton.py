@@ -11,7 +11,7 @@ import torch
 from test_reference import grads_for, rel_err, run_fast
 
 from hf_mousse import Mousse, load_optimizer, save_optimizer
-from hf_mousse.errors import CheckpointError
+from hf_mousse.errors import CheckpointError, NonFiniteGradientError
 from hf_mousse.optim.kronecker import inverse_root_newton, newton_iterations
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -116,3 +116,53 @@ def test_a_checkpoint_from_before_the_option_resumes_as_eigh():
     message = r"with refresh='newton': the state was saved with refresh='eigh'"
     with pytest.raises(CheckpointError, match=message):
         Mousse.for_model(model, lr=0.02, refresh_every=2, refresh="newton").load_state_dict(sd)
+
+
+def _roots(opt: Mousse, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {side: opt.state[p][f"kron_{side}_root"].clone() for side in ("left", "right")}
+
+
+def test_invalid_factors_keep_their_roots():
+    """A factor with zero trace (an expert that has only seen zero gradients) is not refreshed: its root
+    stays the initial identity, while the other experts' roots, refreshed in the same batch, move;
+    the weights stay finite."""
+    g = torch.Generator().manual_seed(0)
+    experts = torch.nn.Parameter(torch.randn(3, 8, 12, generator=g))
+    opt = Mousse([experts], lr=0.02, refresh="newton", refresh_every=1)
+    eye = {side: torch.eye(d).expand(3, d, d) for side, d in (("left", 8), ("right", 12))}
+    for _ in range(3):
+        experts.grad = torch.randn(3, 8, 12, generator=g)
+        experts.grad[1] = 0
+        opt.step()
+        for side, root in _roots(opt, experts).items():
+            assert torch.equal(root[1], eye[side][1]), side  # the zero factor kept its root
+            assert not torch.equal(root[0], eye[side][0]) and not torch.equal(root[2], eye[side][2]), side
+    opt.check_finite()
+    assert torch.isfinite(experts).all()
+
+
+def test_a_nonfinite_step_keeps_the_roots():
+    """nonfinite="raise": a step with a NaN gradient that falls on a refresh leaves every inverse root
+    exactly as it was (a skipped factor is not refreshed); the next finite step refreshes them."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((8, 12), (8, 12), (3, 8, 12))]
+    opt = Mousse(params, lr=0.02, refresh="newton", refresh_every=1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    roots = [_roots(opt, p) for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    params[1].grad[0, 0] = float("nan")
+    opt.step()  # t = 2: a refresh is due, on a non-finite step
+    for p, before in zip(params, roots):
+        for side, root in _roots(opt, p).items():
+            assert torch.equal(root, before[side]), side
+    with pytest.raises(NonFiniteGradientError):
+        opt.check_finite()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    for p, before in zip(params, roots):
+        for side, root in _roots(opt, p).items():
+            assert not torch.equal(root, before[side]), side

@@ -320,3 +320,43 @@ def test_eigh_float64_retry_and_failure_keep_training(monkeypatch):
     assert opt.stats()["eigh_failures"] == 6  # 3 matrices x 2 sides, old bases kept
     assert torch.equal(opt.state[params[0]]["kron_left_eigvecs"], basis)
     assert torch.isfinite(params[0]).all() and not torch.equal(params[0], before)
+
+
+def test_eigh_failing_for_one_matrix_of_a_batch_keeps_only_its_basis(monkeypatch):
+    """eigh fails, in fp32 and in float64, for one expert's factors only (the batch fails, the retry one
+    by one fails for that matrix): that expert keeps its eigenvalues and eigenvectors exactly, the
+    other experts of the same batch are refreshed, and each failure is counted. Expert 1's gradients
+    are diagonal, so its damped factors are the only diagonal ones and the mock can tell them apart."""
+    g = torch.Generator().manual_seed(0)
+    experts = torch.nn.Parameter(torch.randn(3, 8, 12, generator=g))
+    opt = Mousse([experts], lr=0.02, refresh_every=1)
+
+    def set_grad():
+        experts.grad = torch.randn(3, 8, 12, generator=g)
+        experts.grad[1] = 0
+        experts.grad[1].diagonal().copy_(torch.rand(8, generator=g) + 0.5)
+
+    set_grad()
+    opt.step()  # a real refresh: every expert has its own basis
+    keys = [f"kron_{side}_{what}" for side in ("left", "right") for what in ("eigvals", "eigvecs")]
+    before = {k: opt.state[experts][k].clone() for k in keys}
+    real_eigh = torch.linalg.eigh
+
+    def is_diagonal(a):
+        return torch.equal(a, torch.diag_embed(a.diagonal(dim1=-2, dim2=-1)))
+
+    def fails_for_expert_1(a, *args, **kwargs):
+        if any(is_diagonal(m) for m in (a if a.dim() == 3 else a[None])):
+            raise torch.linalg.LinAlgError(f"simulated: {a.dtype} eigh did not converge")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_for_expert_1)
+    set_grad()
+    opt.step()
+    stats = opt.stats()
+    assert stats["eigh_failures"] == 2  # expert 1's left and right factors
+    for k in keys:
+        now = opt.state[experts][k]
+        assert torch.equal(now[1], before[k][1]), k  # kept, bit for bit
+        assert not torch.equal(now[0], before[k][0]) and not torch.equal(now[2], before[k][2]), k
+    assert torch.isfinite(experts).all()

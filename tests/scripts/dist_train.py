@@ -5,6 +5,7 @@ that is the same for every world size; write the losses, the final weights and p
     torchrun --nproc_per_node 2 dist_train.py --engine ddp --out DIR    # the same global batches, split
     ... --save-at 5                                                     # also write DIR/optimizer.safetensors
     ... --resume DIR2                                                   # continue from DIR2's step
+    ... --nan-at 2 --nonfinite skip                                     # a NaN in rank 0's part of a gradient
 
 Used by tests/test_distributed.py (CPU, gloo).
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import tiny_gpt2  # noqa: E402
 
 import hf_mousse  # noqa: E402
+from hf_mousse.errors import NonFiniteGradientError  # noqa: E402
 from hf_mousse.integration.checkpoint import load_optimizer, save_optimizer  # noqa: E402
+from hf_mousse.optim.distributed import local  # noqa: E402
 
 OPTIMIZERS = {"muon": (hf_mousse.Muon, {}), "mimuon": (hf_mousse.MiMuon, {"gap_every": 3}),
               "mousse": (hf_mousse.Mousse, {"refresh_every": 3}),
@@ -100,6 +104,15 @@ def main():
     ap.add_argument("--no-split", action="store_true", help="distributed=False: no split")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--nonfinite", choices=["raise", "skip", "ignore"], default="raise")
+    ap.add_argument("--nan-at", type=int, default=None,
+                    help="at this step, a NaN in --nan-in's gradient on rank 0 only (FSDP2: in its shard); "
+                         "result.json records per rank which parameters the step changed and what "
+                         "check_finite() raised right after it")
+    ap.add_argument("--nan-in", default="transformer.h.0.mlp.c_fc.weight")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds a collective may wait (gloo): a rank left waiting fails instead of hanging")
     ap.add_argument("--save-at", type=int, default=None)
     ap.add_argument("--resume", default=None, help="a DIR written with --save-at: continue from its step")
     ap.add_argument("--out", required=True)
@@ -108,7 +121,8 @@ def main():
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        dist.init_process_group("gloo")
+        timeout = {"timeout": timedelta(seconds=args.timeout)} if args.timeout else {}
+        dist.init_process_group("gloo", **timeout)
     rank = dist.get_rank() if world > 1 else 0
 
     model = build_model(args)
@@ -120,7 +134,7 @@ def main():
                 p.copy_(saved["weights"][n])
         start = saved["step"]
     cls, kwargs = OPTIMIZERS[args.optim]
-    opt_kwargs = dict(lr=args.lr, weight_decay=0.01, **kwargs)
+    opt_kwargs = dict(lr=args.lr, weight_decay=args.weight_decay, nonfinite=args.nonfinite, **kwargs)
     if args.no_split:
         opt_kwargs["distributed"] = False
     wrapped = model
@@ -139,12 +153,26 @@ def main():
     if args.resume:
         load_optimizer(opt, os.path.join(args.resume, "optimizer.safetensors"), model)
 
-    losses = []
+    losses, nan_step = [], None
     for step in range(start, args.steps):
         x = batch(step, rank, world)
         loss = wrapped(input_ids=x, labels=x).loss
         loss.backward()
+        bad = args.nan_at == step + 1
+        if bad:
+            before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+            grad = local(dict(model.named_parameters())[args.nan_in].grad)
+            if rank == 0:
+                grad[(0,) * grad.ndim] = float("nan")
         opt.step()
+        if bad:
+            changed = [n for n, p in model.named_parameters() if not torch.equal(local(p), before[n])]
+            nan_step = {"changed": changed}
+            try:
+                opt.check_finite()
+                nan_step["error"] = None
+            except NonFiniteGradientError as e:
+                nan_step["error"] = str(e)
         opt.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
         if world > 1:
@@ -159,14 +187,16 @@ def main():
     opt.check_finite()
     stats = opt.stats()
     weights = full_weights(model)
-    all_stats = [stats] * world
+    all_stats, all_nan_steps = [stats] * world, [nan_step] * world
     if world > 1:
         dist.all_gather_object(all_stats, stats)
+        dist.all_gather_object(all_nan_steps, nan_step)
     if rank == 0:
         torch.save(weights, os.path.join(args.out, "final.pt"))
         matrices = sum(1 for g in opt.param_groups if g["role"] == "matrix" for _ in g["params"])
         with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump({"losses": losses, "stats": all_stats, "world": world, "matrix_params": matrices}, f)
+            json.dump({"losses": losses, "stats": all_stats, "world": world, "matrix_params": matrices,
+                       "nan_step": all_nan_steps}, f)
     if world > 1:
         # Interpreter teardown of a gloo group can hang or abort a finished run (a torch race in
         # ~ProcessGroupGloo and DDP's Reducer): every output is written, so leave without it.
