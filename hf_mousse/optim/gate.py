@@ -89,17 +89,20 @@ class StepGate:
         """``params *= shrink`` (weight decay), parameters of any dtype; unchanged on a non-finite step."""
         if shrink == 1.0:
             return
-        if not self.active:
-            torch._foreach_mul_(params, shrink)
-            return
         for (device, dtype), idx in _by_device_and_dtype(params).items():
             ps = [params[i] for i in idx]
             if dtype in _EXACT_SCALE_DTYPES:
-                torch._foreach_mul_(ps, self.coef(shrink, 1.0, dtype, device))
-            else:  # a bf16 / fp16 factor would round shrink away: decay a copy exactly, then select
-                ok = self.flags(device)[0]
-                for p, decayed in zip(ps, torch._foreach_mul(ps, shrink)):
-                    torch.where(ok, decayed, p, out=p)
+                torch._foreach_mul_(ps, self.coef(shrink, 1.0, dtype, device) if self.active else shrink)
+                continue
+            # A bf16 / fp16 factor would be rounded (1 - 0.002 is 0.99609375 in bf16), and so is the
+            # scalar of an in-place _foreach_mul_ on CPU: decay a copy (fp32 scalar), then write it.
+            decayed = torch._foreach_mul(ps, shrink)
+            if not self.active:
+                torch._foreach_copy_(ps, decayed)
+                continue
+            ok = self.flags(device)[0]
+            for p, d in zip(ps, decayed):
+                torch.where(ok, d, p, out=p)
 
     def scale_(self, updates: list[torch.Tensor]) -> None:
         """Zero the (finite) updates on a non-finite step; multiply by exactly 1 otherwise."""
