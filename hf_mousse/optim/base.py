@@ -1,21 +1,19 @@
 """The shared optimizer: param groups with roles, lazy state, same-shape batching, scalar path.
 
 Subclasses (Muon, Mousse, MiMuon) only say how a stack of momentum matrices becomes a stack of
-updates (:meth:`SpectralOptimizer._bucket_update`) and what extra state a matrix needs.
+updates (:meth:`SpectralOptimizer._bucket_update`) and what extra state a matrix needs. The state's
+save and load (``checkpoint_state.py``) and the step split over ranks (``split.py``) are mixins of
+their own modules.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
-from itertools import accumulate
 
 import torch
 
 from ..errors import (
-    CheckpointError,
     InvalidHyperparameterError,
     NonFiniteGradientError,
     NonFiniteUpdateError,
@@ -23,14 +21,16 @@ from ..errors import (
 )
 from . import distributed
 from . import scalar as scalar_path
+from .bucket import Bucket
+from .checkpoint_state import CheckpointState
+from .checks import MIN_FLOOR, _check, _is_int, _is_real
 from .gate import NO_GATE, StepGate
 from .kronecker import EighStats
 from .orthogonalize import newton_schulz, norm_safety_for, resolve_schedule
-from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_groups, to_blocks
+from .roles import LAYOUTS, default_layout, from_blocks, matrix_dims, param_groups
+from .split import SplitStep
 from .state_keys import EXP_AVG, MOMENTUM, STEP
 from .weight_decay import SCHEDULES, decay_shrink
-
-logger = logging.getLogger(__name__)  # resume warnings (hf_mousse.optim.base)
 
 ADJUST_LR = ("original", "match_rms_adamw", "spectral_norm", None)
 NS_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -59,100 +59,7 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise InvalidHyperparameterError(f"invalid {key}={value!r}: expected {expected}")
-
-
-def _is_real(v) -> bool:
-    """A finite int or float, not a bool (inf, NaN and True are never a valid hyperparameter)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# The smallest floor (eps) that holds in the fp32 state: float32's smallest normal number.
-MIN_FLOOR = torch.finfo(torch.float32).tiny
-
-
-def _is_int(v) -> bool:
-    """An int, not a bool (True is an int to Python, never a step count or a period here)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _group_label(group: dict) -> str:
-    name = group.get("group_name")
-    return f"group {name!r}" if name else f"role={group.get('role')!r}"
-
-
-_ABSENT = object()  # a key missing from a param group
-
-
-def _plain(v):
-    """``v`` with tuples as lists (a value read back from JSON compares equal to the one written)."""
-    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-def _shown(v) -> str:
-    return "(absent)" if v is _ABSENT else repr(v)
-
-
-def _log_changes(changes: list[tuple[tuple, str]]) -> None:
-    """One warning per changed setting: saved and requested value, the groups, what applies."""
-    by_change: dict[tuple, list[str]] = defaultdict(list)
-    for (key, old, new, applies), label in changes:
-        by_change[(key, _shown(old), _shown(new), applies)].append(label)
-    for (key, old, new, applies), labels in by_change.items():
-        logger.warning("resuming with a changed setting: %s was %s when saved and is %s now (%s); %s",
-                       key, old, new, ", ".join(labels), applies)
-
-
-STATS = ("eigh_refreshes", "eigh_fp64_retries", "eigh_failures", "eigh_nonfinite_factors", "nonfinite_skips",
-         "nonfinite_updates")
-
-
-def _checked_stats(stats) -> dict[str, int] | None:
-    """The saved :meth:`SpectralOptimizer.stats` (None when absent), each counter an int >= 0; counters
-    an earlier version did not keep are 0."""
-    if stats is None:
-        return None
-    if not isinstance(stats, dict) or not set(stats) <= set(STATS) or not all(
-        _is_int(v) and v >= 0 for v in stats.values()
-    ):
-        raise CheckpointError(f"the saved optimizer counters {stats!r} are not {list(STATS)} as ints >= 0")
-    return {k: stats.get(k, 0) for k in STATS}
-
-
-@dataclass
-class Bucket:
-    """Same-shape (m x n) matrix blocks of one param group on one device, stacked for batched kernels."""
-
-    group: dict
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    states: list[dict]
-    counts: list[int]  # blocks per parameter
-    block_shape: tuple[int, int]  # (m, n): rows (fan-out) x columns (fan-in)
-    device: torch.device
-    x: torch.Tensor = field(init=False)  # (blocks, m, n) stacked momentum (or Nesterov mix)
-    offsets: list[int] = field(init=False)
-
-    def __post_init__(self):
-        self.offsets = [0, *accumulate(self.counts)][:-1]
-
-    def stack(self, tensors: list[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
-        """Stack per-parameter tensors (storage layout) into logical (blocks, m, n) form."""
-        layout, split = self.group["layout"], self.group["split"]
-        out = torch.empty((sum(self.counts), *self.block_shape), dtype=dtype, device=self.device)
-        for t, o, k in zip(tensors, self.offsets, self.counts):
-            out[o : o + k].copy_(to_blocks(t, layout, split))
-        return out
-
-    def rows(self, indices: list[int]) -> torch.Tensor:
-        """Block indices (into the stack) of the given parameters."""
-        return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.counts[i], device=self.device)
-                          for i in indices])
-
-
-class SpectralOptimizer(torch.optim.Optimizer):
+class SpectralOptimizer(SplitStep, CheckpointState, torch.optim.Optimizer):
     """Base class: one optimizer for a whole model, matrices and scalars in their own groups.
 
     A param group without a ``role`` is split on construction: parameters of rank >= 2 (both
@@ -340,190 +247,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """Subclass hook: (update stack (blocks, m, n), LR multiplier) for one bucket."""
         raise NotImplementedError
 
-    def state_dict(self):
-        """torch's state dict plus :meth:`stats`. Raises :class:`NonFiniteGradientError` first if a step
-        since the last check had a non-finite gradient (see :meth:`check_finite`), so a checkpoint is
-        never written over an unreported one."""
-        self.check_finite()
-        sd = super().state_dict()
-        stats = {k: v for k, v in self.stats().items() if k in STATS}  # matrix_updates: since construction
-        world = self._world()
-        if world is not None:
-            sd["state"], stats = self._gathered_state(sd["state"], stats, world)
-        sd["hf_mousse_stats"] = stats
-        sd["hf_mousse_optimizer"] = type(self).__name__
-        return sd
-
-    def _indexed_params(self):
-        """(index in the state dict, parameter, its group), numbered as torch's state_dict numbers them."""
-        index = 0
-        for g in self.param_groups:
-            for p in g["params"]:
-                yield index, p, g
-                index += 1
-
-    def _gathered_state(self, state: dict, stats: dict, world: int) -> tuple[dict, dict]:
-        """The state one process would hold, on every rank (collectives: every rank calls this): each
-        matrix's state broadcast from its owner, sharded scalar state all-gathered, all on the CPU; the
-        eigh counters summed over the ranks (the others are the same on every rank). So the checkpoint
-        holds everything once, in the single-process format, and resumes at any world size."""
-        owners, me = self._owner_map(world), distributed.rank()
-        whole, counters = {}, {}
-        for i, p, g in self._indexed_params():
-            st = state.get(i)
-            if g["role"] == "scalar" and st:
-                whole[i] = {k: distributed.gather_shards(v, p).cpu() if isinstance(v, torch.Tensor) else v
-                            for k, v in st.items()}
-            elif g["role"] == "matrix" and st and owners[id(p)] == me:
-                counters[i] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
-        gathered = distributed.all_gather_objects((counters, stats))
-        source = {i: r for r, (held, _) in enumerate(gathered) for i in held}
-        for i, p, g in self._indexed_params():
-            if i not in source:
-                continue
-            src = source[i]
-            whole[i] = dict(gathered[src][0][i])
-            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-            template = {k: t for k, t in self._fresh_state(meta, g).items() if isinstance(t, torch.Tensor)}
-            for k in sorted(template):  # the same order on every rank
-                t = template[k]
-                buf = (state[i][k].contiguous() if src == me
-                       else torch.empty(t.shape, dtype=t.dtype, device=distributed.local(p).device))
-                whole[i][k] = distributed.broadcast_(buf, src).cpu()
-        totals = {k: sum(s[k] for _, s in gathered) if k.startswith("eigh_") else v for k, v in stats.items()}
-        return whole, totals
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Like torch's, but checked first and exact: nothing changes when a check fails.
-
-        The saved param groups must match this optimizer's (count, sizes, parameter names where both
-        have them) and pass the same validation as constructed groups; changed settings follow the
-        resume rule of :meth:`_resumed_group` (each change is logged as a warning); every parameter's
-        state must have exactly the entries a fresh state would have, each tensor with the shape and
-        dtype of a fresh one (:meth:`_check_state`). Raises :class:`~hf_mousse.errors.CheckpointError`. State
-        tensors keep their saved dtype (torch would cast fp32 factors and moments of a bf16 parameter
-        to bf16) and are copied, not aliased."""
-        state_dict = dict(state_dict)
-        saved_cls = state_dict.pop("hf_mousse_optimizer", type(self).__name__)
-        if saved_cls != type(self).__name__:
-            raise CheckpointError(f"the state was saved by {saved_cls!r} but the optimizer is "
-                                  f"{type(self).__name__}; resume with the optimizer that wrote it")
-        saved_state = state_dict.pop("state")
-        stats = _checked_stats(state_dict.pop("hf_mousse_stats", None))
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
-        ):
-            raise CheckpointError(
-                f"the saved state has param groups of sizes {[len(g['params']) for g in saved_groups]} but "
-                f"this optimizer has {[len(g['params']) for g in self.param_groups]}: it was saved for "
-                "other parameters or another grouping"
-            )
-        resumed = [self._resumed_group(s, g) for s, g in zip(saved_groups, self.param_groups)]
-        groups = [g for g, _ in resumed]
-        owners = {}  # saved parameter index -> (parameter, its resumed group, its name)
-        for s, g in zip(saved_groups, groups):
-            names = g.get("param_names") or [None] * len(g["params"])
-            owners.update(zip(s["params"], zip(g["params"], [g] * len(names), names)))
-        for pid, st in saved_state.items():
-            if pid not in owners:
-                raise CheckpointError(
-                    f"the saved state refers to parameter index {pid!r}, which the param groups do not have"
-                )
-            self._check_state(*owners[pid], st)
-        _log_changes([(change, _group_label(g)) for g, changes in resumed for change in changes])
-        saved_ids = [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)]
-        super().load_state_dict({**state_dict, "param_groups": saved_ids, "state": {}})
-        world = self._world()
-        owner = self._owner_map(world) if world else {}
-        me = distributed.rank() if world else 0
-        for pid, st in saved_state.items():
-            p, g = owners[pid][0], owners[pid][1]
-            if owner.get(id(p), me) != me:
-                continue  # another rank's matrix: its owner keeps the state
-            self.state[p] = {k: self._placed(v, p, g) if isinstance(v, torch.Tensor) else v
-                             for k, v in st.items()}
-        if stats is not None:
-            if me != 0:  # the saved eigh counters are totals over the ranks: rank 0 carries them on
-                stats.update({k: 0 for k in stats if k.startswith("eigh_")})
-            self.eigh_stats = EighStats(stats["eigh_refreshes"], stats["eigh_fp64_retries"],
-                                        stats["eigh_failures"], stats["eigh_nonfinite_factors"])
-            self.nonfinite_skips = stats["nonfinite_skips"]
-            self.nonfinite_updates = stats["nonfinite_updates"]
-
-    @staticmethod
-    def _placed(v: torch.Tensor, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """A saved (whole) state tensor as this rank keeps it: on ``p``'s device, a copy (never an alias
-        of the loaded file); for the scalar path of a sharded parameter, this rank's shard."""
-        v = v.to(device=distributed.local(p).device, copy=True)
-        if group["role"] == "scalar" and distributed.is_dtensor(p):
-            v = distributed.shard_like(v, p).clone()
-        return v
-
-    def _resumed_group(self, saved: dict, current: dict) -> tuple[dict, list[tuple]]:
-        """(the param group a resume continues with, its changed settings as (key, saved, requested,
-        what applies)) under the resume rule (README "Checkpoints"):
-
-        * the optimizer's hyperparameters (constructor keywords, ``group_name``): the requested value,
-          i.e. this optimizer's, applies; a change is returned for the log;
-        * keys that define the saved state's entries or shapes (:attr:`state_keys_of_group`): a
-          change is refused, because the saved state would not fit;
-        * the learning rate and keys an LR scheduler adds (``initial_lr``, ...): the saved value
-          (torch's rule; the schedule resumes from its own saved state). A changed peak learning
-          rate (``initial_lr``) is refused, since the resumed schedule would not apply it; a changed
-          ``lr`` without a recorded peak is kept as saved and returned for the log.
-
-        The saved values, as written, pass the same validation as a constructed group, and so does the
-        result. Raises :class:`CheckpointError`."""
-        names, saved_names = current.get("param_names"), saved.get("param_names")
-        if names is not None and saved_names is not None and list(names) != list(saved_names):
-            raise CheckpointError(
-                f"the saved param group holds {list(saved_names)[:5]} but this optimizer's holds "
-                f"{list(names)[:5]}: the state was saved for other parameters"
-            )
-        members = {"params": current["params"], **({"param_names": names} if names is not None else {})}
-        saved = {**self.keys_added_later, **saved}
-        values = {k: v for k, v in saved.items() if k not in members}
-        label = _group_label({**current, **values})
-        self._validated({**current, **values, **members}, f"the saved param group ({label})")
-        ours = self.defaults.keys() | {"role", "layout", "split", "group_name", "low_rank_side"}
-        group, changes = dict(members), []
-        for key in sorted((values.keys() | current.keys()) - members.keys()):
-            old, new = values.get(key, _ABSENT), current.get(key, _ABSENT)
-            if _plain(old) == _plain(new):
-                group[key] = new
-            elif key in self.state_keys_of_group and old is _ABSENT:
-                raise CheckpointError(f"cannot resume {label}: the saved group has no {key} (this "
-                                      f"optimizer's is {new!r}): the state was saved by another optimizer")
-            elif key in self.state_keys_of_group:
-                raise CheckpointError(
-                    f"cannot resume {label} with {key}={_shown(new)}: the state was saved with "
-                    f"{key}={_shown(old)} and only fits that (its entries or shapes depend on it). Resume "
-                    f"with {key}={_shown(old)}, or start this optimizer afresh without the saved state"
-                )
-            elif key == "lr" or key not in ours:  # the LR schedule's
-                if key == "initial_lr" and new is not _ABSENT and old is not _ABSENT:
-                    raise CheckpointError(
-                        f"cannot resume {label} with peak learning rate {new!r}: the state was saved with "
-                        f"{old!r}, and the LR schedule resumes from its saved state, which keeps {old!r}. "
-                        f"Resume with learning rate {old!r}, or start optimizer and scheduler afresh"
-                    )
-                group[key] = old if old is not _ABSENT else new
-                if key == "lr" and "initial_lr" not in values and "initial_lr" not in current:
-                    changes.append((key, old, new, "the saved value applies (lr is schedule state)"))
-            else:
-                if new is not _ABSENT:
-                    group[key] = new
-                changes.append((key, old, new, "the requested value applies"))
-        self._validated(group, f"the resumed param group ({label})")
-        return group, changes
-
-    def _validated(self, group: dict, what: str) -> None:
-        try:
-            self._validate_group(group)
-        except (InvalidHyperparameterError, UnsupportedParameterError) as e:
-            raise CheckpointError(f"{what} is not valid: {e}") from None
-
     def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
         """A new parameter's state (step 0, initial tensors), without the counters dealt at the first
         step; on ``p``'s device (a meta tensor gives the shapes and dtypes that loading checks)."""
@@ -539,36 +262,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """The non-tensor state entries of a parameter in ``group``: name -> exclusive upper bound
         (None: unbounded). Every entry is an int >= 0, present in every non-empty state."""
         return {STEP: None}
-
-    def _check_state(self, p: torch.Tensor, group: dict, name: str | None, st: dict) -> None:
-        """Raise :class:`CheckpointError` unless ``st`` is empty or has exactly the entries of a fresh
-        state of ``p`` in ``group``, tensors of the same shapes and dtypes, counters in range."""
-        if not st:
-            return
-        what = f"the saved state of {name!r}" if name else f"the saved state of a {tuple(p.shape)} parameter"
-        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")  # (a DTensor's global shape)
-        expected = {k: v for k, v in self._fresh_state(meta, group).items() if isinstance(v, torch.Tensor)}
-        counters = self._counters(group)
-        keys = expected.keys() | counters.keys()
-        if st.keys() != keys:
-            raise CheckpointError(
-                f"{what} has entries {sorted(st)} but {type(self).__name__} with this group's settings "
-                f"({_group_label(group)}) keeps {sorted(keys)} (missing: {sorted(keys - st.keys())}, "
-                f"unexpected: {sorted(st.keys() - keys)}): it was saved by another optimizer or with "
-                "other settings"
-            )
-        for key, fresh in expected.items():
-            v = st[key]
-            if not isinstance(v, torch.Tensor) or v.shape != fresh.shape or v.dtype != fresh.dtype:
-                found = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
-                raise CheckpointError(
-                    f"{what}: {key} is {found} but the parameter (shape {tuple(p.shape)}, {p.dtype}) needs "
-                    f"{tuple(fresh.shape)} {fresh.dtype}: it was saved for a different model or dtype"
-                )
-        for key, bound in counters.items():
-            v = st[key]
-            if not _is_int(v) or v < 0 or (bound is not None and v >= bound):
-                raise CheckpointError(f"{what}: {key}={v!r} is not an int in [0, {bound or 'inf'})")
 
     def stats(self) -> dict[str, int]:
         """Counters: eigenbasis refreshes, failures and refreshes of non-finite factors (Mousse),
@@ -799,82 +492,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
             update, ratio = self._bucket_update(bucket)
             self.matrix_updates += sum(bucket.counts)
             self._apply_update(bucket, update, group["lr"] * ratio, shrink)
-
-    # ------------------------------------------------------------------ the work split over ranks
-    def split_world(self) -> int | None:
-        """The number of ranks the matrix work is split over, or None (single-process behaviour). When
-        split, :meth:`state_dict` is a collective: call it on every rank."""
-        return distributed.process_group_size(self.distributed)
-
-    _world = split_world
-
-    def _block_cost(self, group: dict, m: int, n: int) -> float:
-        """Relative cost of one m x n block's update, to balance the ranks: Newton–Schulz, ~3 matmuls
-        of m x n by min(m, n) per iteration. Subclasses add their own work."""
-        return 3.0 * (group["ns_steps"] or 5) * m * n * min(m, n)
-
-    def _owner_map(self, world: int) -> dict[int, int]:
-        """id(matrix parameter) -> the rank that keeps its state and computes its update; the same on
-        every rank (it depends only on the param groups), recomputed when the parameters change
-        (accelerate swaps them for FSDP2's DTensors after the optimizer is built)."""
-        params = [(g, p) for g in self.param_groups if g["role"] == "matrix" for p in g["params"]]
-        signature = (world, tuple(id(p) for _, p in params))
-        if self._owners[0] != signature:
-            items = []
-            for g, p in params:
-                distributed.check_placement(p, None)
-                k, m, n = matrix_dims(p.shape, g["layout"], g["split"])
-                items.append(((id(g), m, n), k, self._block_cost(g, m, n)))
-            self._owners = (signature, dict(zip(signature[1], distributed.assign_owners(items, world))))
-        return self._owners[1]
-
-    def _split_matrix_step(self, group: dict, params: list[torch.Tensor], world: int) -> None:
-        """The matrix step with each parameter's update computed by its owner only: the owner advances
-        its momentum (and factors), computes the bucket's updates for the blocks it owns, one
-        all-gather per same-shape bucket shares them, and every rank applies all of them to its
-        weights (DDP: the whole matrix; FSDP2: its shard). Every rank runs the same collectives in the
-        same order: the buckets and their members are the same everywhere."""
-        owners, me = self._owner_map(world), distributed.rank()
-        grads = [distributed.full(p.grad) for p in params]  # FSDP2: all-gathered (a collective)
-        mine = [i for i, p in enumerate(params) if owners[id(p)] == me]
-        states = {i: self._matrix_state(group, params[i]) for i in mine}
-        directions = {}
-        if mine:
-            bufs = [states[i][MOMENTUM] for i in mine]
-            own_grads = [grads[i] if grads[i].dtype == b.dtype else grads[i].to(b.dtype)
-                         for i, b in zip(mine, bufs)]
-            directions = dict(zip(mine, self._update_momentum(group, bufs, own_grads)))
-        layout, split, shrink = group["layout"], group["split"], decay_shrink(group)
-        members: dict[tuple, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            _, m, n = matrix_dims(p.shape, layout, split)
-            members[(m, n, distributed.local(p).device)].append(i)
-        for (m, n, device), idx in members.items():
-            counts = [matrix_dims(params[i].shape, layout, split)[0] for i in idx]
-            per_rank = [0] * world
-            for i, k in zip(idx, counts):
-                per_rank[owners[id(params[i])]] += k
-            dtype = self._ns_dtype(group, device) if self.stack_in_ns_dtype else torch.float32
-            own = [j for j, i in enumerate(idx) if i in states]
-            if own:
-                bucket = Bucket(group, [params[idx[j]] for j in own], [grads[idx[j]] for j in own],
-                                [states[idx[j]] for j in own], [counts[j] for j in own], (m, n), device)
-                bucket.x = bucket.stack([directions[idx[j]] for j in own], dtype)
-                update, ratio = self._bucket_update(bucket)
-                # The LR multiplier goes with the update: MiMuon's depends on the owner's blocks.
-                update = (update if ratio == 1.0 else update.float() * ratio).to(dtype)
-                self.matrix_updates += sum(bucket.counts)
-            else:
-                update = torch.empty((0, m, n), dtype=dtype, device=device)
-            parts = distributed.all_gather_blocks(update, per_rank)
-            taken, pieces = [0] * world, []
-            for i, k in zip(idx, counts):  # back into the bucket's order
-                r = owners[id(params[i])]
-                pieces.append(parts[r][taken[r] : taken[r] + k])
-                taken[r] += k
-            everyone = Bucket(group, [params[i] for i in idx], [grads[i] for i in idx], [{} for _ in idx],
-                              counts, (m, n), device)
-            self._apply_update(everyone, torch.cat(pieces), group["lr"], shrink)
 
     def _matrix_state(self, group: dict, p: torch.Tensor) -> dict:
         """The parameter's state, created on its first step (lazily: FSDP2 swaps parameters after

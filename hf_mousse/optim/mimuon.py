@@ -33,7 +33,9 @@ import math
 import torch
 
 from . import state_keys as keys
-from .base import Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
+from .base import SpectralOptimizer, is_due, lr_ratio
+from .bucket import Bucket
+from .checks import _check, _is_int, _is_real
 from .hyperparameters import args_doc
 from .roles import matrix_dims
 

@@ -10,7 +10,9 @@ import math
 import torch
 
 from . import state_keys as keys
-from .base import MIN_FLOOR, Bucket, SpectralOptimizer, _check, _is_int, _is_real, is_due, lr_ratio
+from .base import SpectralOptimizer, is_due, lr_ratio
+from .bucket import Bucket
+from .checks import MIN_FLOOR, _check, _is_int, _is_real
 from .hyperparameters import args_doc
 from .kronecker import BackgroundRefresh, gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
 from .roles import matrix_dims

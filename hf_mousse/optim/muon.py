@@ -6,7 +6,8 @@ coefficients, lr 1e-3, weight decay 0.1, ``adjust_lr="original"``).
 
 from __future__ import annotations
 
-from .base import Bucket, SpectralOptimizer, lr_ratio
+from .base import SpectralOptimizer, lr_ratio
+from .bucket import Bucket
 from .hyperparameters import args_doc
 
 
