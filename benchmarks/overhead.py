@@ -37,15 +37,31 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from environment import device_name, git, loadavg, sync  # noqa: E402
+from environment import PhaseTimer, device_name, git, loadavg, sync, write_json  # noqa: E402
+from variants import MOUSSE_VARIANTS, unsupported  # noqa: E402
+from variants import label as variant_label  # noqa: E402
 
 import hf_mousse  # noqa: E402
+from hf_mousse.optim.kronecker import newton_plan  # noqa: E402
 from hf_mousse.optim.orthogonalize import resolve_schedule  # noqa: E402
 from hf_mousse.optim.roles import matrix_dims  # noqa: E402
 
 # ---------------------------------------------------------------------------- presets
 # tokens per optimizer step = micro_batch * accum * seq_len
 PRESETS = {
+    # a dry run of the GPU presets (gpu_suite.py --smoke): seconds on CPU
+    "tiny": dict(
+        arch="gpt2", title="GPT-2 shape, tiny (dry run)",
+        model=dict(n_layer=1, n_embd=64, n_head=2, vocab_size=256, n_positions=32),
+        seq_len=32, micro_batch=2, accum=2, warmup=1, steps=10,
+    ),
+    "tiny-qwen3": dict(
+        arch="qwen3", title="Qwen3 shape, tiny (dry run)",
+        model=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=32, intermediate_size=128, vocab_size=256, max_position_embeddings=32,
+                   tie_word_embeddings=True),
+        seq_len=32, micro_batch=2, accum=2, warmup=1, steps=10,
+    ),
     "cpu": dict(
         arch="gpt2", title="GPT-2 shape, small (CPU)",
         model=dict(n_layer=2, n_embd=256, n_head=4, vocab_size=4096, n_positions=128),
@@ -73,9 +89,16 @@ PRESETS = {
     ),
 }
 
-OPTIMIZERS = ("muon", "mousse", "adamw")
-LABELS = {"muon": "hf_mousse.Muon", "mousse": "hf_mousse.Mousse", "adamw": "torch.optim.AdamW"}
+# Mousse with an option on top of its defaults (variants.MOUSSE_VARIANTS): chosen with --only
+OPTIMIZERS = ("muon", "mousse", *MOUSSE_VARIANTS, "adamw")
+DEFAULT_OPTIMIZERS = ("muon", "mousse", "adamw")
+LABELS = {"muon": "hf_mousse.Muon", "mousse": "hf_mousse.Mousse", "adamw": "torch.optim.AdamW",
+          **{k: variant_label(v) for k, v in MOUSSE_VARIANTS.items()}}
 BASELINE = "muon"
+
+
+def is_mousse(key: str) -> bool:
+    return key == "mousse" or key in MOUSSE_VARIANTS
 
 
 def build_model(preset: dict, seed: int):
@@ -126,8 +149,9 @@ def model_facts(model, cfg, preset: dict, tokens: int) -> dict:
 def make_optimizer(key: str, model, args):
     if key == "muon":
         return hf_mousse.Muon.for_model(model, lr=args.lr, scalar_lr=args.scalar_lr)
-    if key == "mousse":
-        return hf_mousse.Mousse.for_model(model, lr=args.lr, scalar_lr=args.scalar_lr)
+    if is_mousse(key):
+        return hf_mousse.Mousse.for_model(model, lr=args.lr, scalar_lr=args.scalar_lr,
+                                          **MOUSSE_VARIANTS.get(key, {}))
     return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, betas=(0.9, 0.95),
                              weight_decay=args.adamw_wd)
 
@@ -148,8 +172,8 @@ def settings_of(key: str, opt, device) -> dict:
     matrix = next(g for g in opt.param_groups if g["role"] == "matrix")
     scalar = next((g for g in opt.param_groups if g["role"] == "scalar"), None)
     keys = ["lr", "momentum", "nesterov", "weight_decay", "ns", "ns_steps", "adjust_lr",
-            "weight_decay_schedule", "alpha", "beta", "refresh_every", "refresh_schedule", "eps",
-            "bias_correction", "grafting", "sides"]
+            "weight_decay_schedule", "alpha", "beta", "refresh_every", "refresh_schedule", "refresh",
+            "refresh_delay", "matmul_dtype", "eps", "bias_correction", "grafting", "sides"]
     out = {k: matrix[k] for k in keys if k in matrix}
     out["momentum_form"] = type(opt).momentum_form
     out["ns_dtype"] = ns_dtype_name(matrix, device)
@@ -170,6 +194,9 @@ def settings_text(key: str, s: dict) -> str:
     if "refresh_every" in s:
         text += (f", alpha {s['alpha']:g}, beta {s['beta']:g}, refresh every {s['refresh_every']}, "
                  f"sides {s['sides']}, eps {s['eps']:g}, grafting {s['grafting']}")
+        for name in ("refresh", "refresh_delay", "matmul_dtype"):  # newer options, shown when not default
+            if s.get(name) not in (None, "eigh", 0, "float32"):
+                text += f", {name} {s[name]}"
     if "scalar_path" in s:
         sp = s["scalar_path"]
         text += f"; scalar path {sp['optimizer']} lr {sp['lr']:g}"
@@ -200,6 +227,7 @@ def optimizer_flops(key: str, opt) -> dict:
       Mousse factor EMAs   2 m^2 n (left) + 2 m n^2 (right)                    every step
       Mousse rotations     4 m^2 n (left) + 4 m n^2 (right)                    every step
       Mousse eigh          9 m^3 (left) + 9 n^3 (right), textbook count        every refresh_every steps
+        (refresh="newton": its matrix products, 2 d^3 each, instead; kept under the eigh_* keys)
     Elementwise work (momentum, scaling, weight decay, the scalar path, AdamW) is not counted."""
     out = dict(ns=0, factor_ema=0, rotations=0, eigh_per_refresh=0, eigh_amortised=0.0)
     if key == "adamw":
@@ -214,33 +242,39 @@ def optimizer_flops(key: str, opt) -> dict:
             k, m, n = matrix_dims(p.shape, g["layout"], g["split"])
             r, s = min(m, n), max(m, n)
             out["ns"] += k * steps * (4 * r * r * s + 2 * r ** 3)
-            if key != "mousse":
+            if not is_mousse(key):
                 continue
+            if g.get("refresh", "eigh") == "newton":
+                refresh = lambda d: 2 * d ** 3 * newton_plan(d, g["alpha"], g["eps"])[2]  # noqa: E731
+            else:
+                refresh = lambda d: 9 * d ** 3  # noqa: E731
             eigh = 0
             if "left" in sides:
                 out["factor_ema"] += k * 2 * m * m * n
                 out["rotations"] += k * 4 * m * m * n
-                eigh += k * 9 * m ** 3
+                eigh += k * refresh(m)
             if "right" in sides:
                 out["factor_ema"] += k * 2 * m * n * n
                 out["rotations"] += k * 4 * m * n * n
-                eigh += k * 9 * n ** 3
+                eigh += k * refresh(n)
             out["eigh_per_refresh"] += eigh
             out["eigh_amortised"] += eigh / g["refresh_every"]
     out["total_per_step"] = out["ns"] + out["factor_ema"] + out["rotations"] + out["eigh_amortised"]
     return out
 
 
-def flop_bound_ms(flops: dict, ns_dtype: str | None, rates: dict) -> tuple[float | None, float | None]:
+def flop_bound_ms(flops: dict, ns_dtype: str | None, rates: dict,
+                  matmul_dtype: str | None = None) -> tuple[float | None, float | None]:
     """(dtype-aware bound, headline-rate bound) in ms. Dtype-aware: NS at the rate of its dtype, the
-    factor EMAs, rotations and eigh at the fp32 rate (they run in fp32); headline: everything at the
-    device's headline rate (fp32 on CPU, bf16 on CUDA)."""
+    factor EMAs and rotations at the rate of Mousse's ``matmul_dtype`` (fp32 unless set), the refresh at
+    the fp32 rate; headline: everything at the device's headline rate (fp32 on CPU, bf16 on CUDA)."""
     if not flops["total_per_step"]:
         return 0.0, 0.0
     fp32 = rates["float32"]["flops_per_s"]
     ns_rate = rates.get(ns_dtype or "float32", rates["float32"])["flops_per_s"]
-    rest = flops["factor_ema"] + flops["rotations"] + flops["eigh_amortised"]
-    aware = (flops["ns"] / ns_rate + rest / fp32) * 1e3
+    matmul_rate = rates.get(matmul_dtype or "float32", rates["float32"])["flops_per_s"]
+    aware = (flops["ns"] / ns_rate + (flops["factor_ema"] + flops["rotations"]) / matmul_rate
+             + flops["eigh_amortised"] / fp32) * 1e3
     headline = flops["total_per_step"] / rates[rates["headline"]]["flops_per_s"] * 1e3
     return aware, headline
 
@@ -299,11 +333,11 @@ def run_one(key: str, template, batches, args, device) -> dict:
                 else contextlib.nullcontext())
     accum = batches.shape[1]
     whole, fwd_bwd, opt_ms, losses, refreshed, state_peak = [], [], [], [], [], {}
+    timer = PhaseTimer(device)  # CUDA: events on the current stream, read after the step
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for t in range(batches.shape[0]):
-        before = eigh_count(opt)
-        sync(device)
-        t0 = time.perf_counter()
+        before = eigh_count(opt)  # a host read, before the timed phases
+        timer.mark()
         total = torch.zeros((), device=device)
         for i in range(accum):
             x = batches[t, i]
@@ -311,22 +345,21 @@ def run_one(key: str, template, batches, args, device) -> dict:
                 loss = model(input_ids=x, labels=x).loss / accum
             loss.backward()
             total += loss.detach()
-        sync(device)
-        t1 = time.perf_counter()
+        timer.mark()
         opt.step()
-        sync(device)
-        t2 = time.perf_counter()
+        timer.mark()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        t3 = time.perf_counter()
-        whole.append((t3 - t0) * 1e3)
-        fwd_bwd.append((t1 - t0) * 1e3)
-        opt_ms.append((t2 - t1) * 1e3)
+        timer.mark()
+        fb, st, zg = timer.elapsed_ms()  # waits for the last event (current stream) only
+        whole.append(fb + st + zg)
+        fwd_bwd.append(fb)
+        opt_ms.append(st)
         losses.append(total.item())
         refreshed.append(eigh_count(opt) > before)
         sb = state_bytes(opt)
         if sb["total"] >= state_peak.get("total", -1):
             state_peak = sb
+    sync(device)  # work the last step left on side streams, before the next optimizer's run
     # this process's CPU time over wall time: ~ the cores it got (torch threads if nothing competed)
     cpu_per_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     w = args.warmup
@@ -365,12 +398,15 @@ def add_derived(results: list[dict], meta: dict) -> None:
     for r in results:
         r["ratio_median_vs_muon"] = r["step_median_ms"] / base["step_median_ms"] if base else None
         r["ratio_mean_vs_muon"] = r["step_mean_ms"] / base["step_mean_ms"] if base else None
-        aware, headline = flop_bound_ms(r["optimizer_flops"], r.get("ns_dtype"), meta["matmul_rates"])
+        matmul_dtype = r["settings"].get("matmul_dtype")
+        aware, headline = flop_bound_ms(r["optimizer_flops"], r.get("ns_dtype"), meta["matmul_rates"],
+                                        matmul_dtype)
         r["flop_bound_ms"], r["flop_bound_headline_ms"] = aware, headline
         # the same bound for a step without refresh (eigh left out): compare with the median
         f = r["optimizer_flops"]
         no_eigh = {**f, "eigh_amortised": 0.0, "total_per_step": f["total_per_step"] - f["eigh_amortised"]}
-        r["flop_bound_no_eigh_ms"] = flop_bound_ms(no_eigh, r.get("ns_dtype"), meta["matmul_rates"])[0]
+        r["flop_bound_no_eigh_ms"] = flop_bound_ms(no_eigh, r.get("ns_dtype"), meta["matmul_rates"],
+                                                   matmul_dtype)[0]
         r["optimizer_flops_vs_fwd_bwd"] = (r["optimizer_flops"]["total_per_step"]
                                            / meta["model"]["fwd_bwd_flops_per_step"])
 
@@ -422,6 +458,7 @@ def describe(data: dict) -> list[str]:
         f"{meta['transformers']}, commit {meta['commit']}"
         + (f" (working tree had local changes in {', '.join(dirty)})" if dirty else "")
         + f"; median / max / mean of {meta['steps']} timed steps after {meta['warmup']} warm-up steps"
+        + (f", timed with {meta['timer']}" if meta["device"].startswith("cuda") and meta.get("timer") else "")
         + (f"; 1-min load average {load:.2f} at start" if load is not None else "")
         + (f", {meta['loadavg_1min_at_end']:.2f} at end" if meta.get("loadavg_1min_at_end") is not None
            else "") + ".",
@@ -443,21 +480,26 @@ def render_markdown(data: dict) -> str:
     for r in results:
         f = r["optimizer_flops"]
         extra = ""
-        if r["key"] == "mousse":
+        if is_mousse(r["key"]):
             extra = (f"; FLOPs / matmul rate without eigh (a step without refresh) "
                      f"{r['flop_bound_no_eigh_ms']:.1f} ms"
                      f"; matrix GFLOP/step = NS {f['ns'] / 1e9:.2f} "
                      f"+ factor EMAs {f['factor_ema'] / 1e9:.2f} "
-                     f"+ rotations {f['rotations'] / 1e9:.2f} + eigh {f['eigh_per_refresh'] / 1e9:.2f} "
+                     f"+ rotations {f['rotations'] / 1e9:.2f} + {r['settings'].get('refresh', 'eigh')} "
+                     f"{f['eigh_per_refresh'] / 1e9:.2f} "
                      f"per refresh / {r['settings']['refresh_every']}; {r['refresh_steps_timed']} refresh "
                      f"step(s) timed, the max is step {r['step_of_max']}"
                      + (" (a refresh step)" if r["refreshed"][r["step_of_max"] - 1] else ""))
-        if r["key"] != "mousse":
+        if not is_mousse(r["key"]):
             extra = f"; max at step {r['step_of_max']}"
         if not cuda and r.get("process_cpu_per_wall") is not None:
             extra += (f"; {r['process_cpu_per_wall']:.2f} cores used on average (process CPU time / "
                       f"wall time), load average {r['loadavg_1min_after']:.2f} after")
         out.append(f"- {r['label']}: {r['settings_text']}{extra}.")
+    for skip in data["meta"].get("skipped") or []:
+        out.append(f"- Not run: {skip['label']}: {skip['reason']}.")
+    if data.get("complete") is False:
+        out.append("- Partial result: the run stopped before every optimizer had run.")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -489,7 +531,10 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (step 1 allocates state)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per optimizer; a multiple of Mousse's refresh_every (10)")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of {', '.join(OPTIMIZERS)} (default: "
+                         f"{','.join(DEFAULT_OPTIMIZERS)}); a Mousse option this checkout lacks is skipped "
+                         "and listed in the JSON")
     ap.add_argument("--lr", type=float, default=0.02, help="matrix lr of Muon and Mousse")
     ap.add_argument("--scalar-lr", type=float, default=3e-4,
                     help="lr of Muon's and Mousse's scalar path (AdamW: embeddings, head, norms, biases)")
@@ -520,7 +565,7 @@ def parse_args():
     preset["model"][pos] = max(preset["model"][pos], args.seq_len)
     if min(args.micro_batch, args.accum, args.seq_len, args.steps) < 1 or args.warmup < 1:
         ap.error("--micro-batch, --accum, --seq-len, --steps and --warmup must be >= 1")
-    keys = OPTIMIZERS
+    keys = DEFAULT_OPTIMIZERS
     if args.only:
         keys = tuple(k.strip() for k in args.only.split(",") if k.strip())
         unknown = set(keys) - set(OPTIMIZERS)
@@ -557,8 +602,7 @@ def main():
         data="random token ids, uniform over the vocabulary, fixed seed; labels = inputs",
         step_definition=("forward + backward of every micro-batch, then opt.step() and "
                          "zero_grad(set_to_none=True); opt.step() timed separately"),
-        timer=("torch.cuda.synchronize() + time.perf_counter" if device.type == "cuda"
-               else "time.perf_counter"),
+        timer=PhaseTimer.describe(device),
         loadavg_1min_at_start=loadavg(),
         model=model_facts(template, cfg, preset, tokens),
     )
@@ -579,6 +623,14 @@ def main():
     if args.steps % 10:
         print(f"NOTE: --steps {args.steps} is not a multiple of 10: the mean over-/under-weights Mousse's "
               "eigenbasis refresh (every 10 steps)")
+    skipped = [dict(key=k, label=LABELS[k], reason=unsupported(MOUSSE_VARIANTS[k]))
+               for k in args.keys if k in MOUSSE_VARIANTS and unsupported(MOUSSE_VARIANTS[k])]
+    meta["skipped"] = skipped
+    for skip in skipped:
+        print(f"SKIPPED {skip['label']}: {skip['reason']}")
+    keys = [k for k in args.keys if k not in {skip["key"] for skip in skipped}]
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"overhead-{device.type}-{args.preset}.json"
 
     meta["matmul_rates"] = matmul_rates(device)
     for k, v in meta["matmul_rates"].items():
@@ -588,7 +640,7 @@ def main():
     batches = make_batches(args.warmup + args.steps, args.accum, args.micro_batch, args.seq_len, vocab,
                            args.seed, device)
     results = []
-    for key in args.keys:
+    for key in keys:
         t0 = time.perf_counter()
         print(f"  running {LABELS[key]} ...", end="", flush=True)
         r = run_one(key, template, batches, args, device)
@@ -598,22 +650,21 @@ def main():
               + (f" (load average {r['loadavg_1min_after']:.2f}, cores used "
                  f"{r['process_cpu_per_wall']:.2f})" if device.type != "cuda" else ""),
               flush=True)
+        add_derived(results, meta)
+        write_json(out, dict(meta=meta, results=results, complete=False))  # what a time limit leaves
     meta["loadavg_1min_at_end"] = loadavg()
     first = {r["key"]: r["losses"][0] for r in results}
     meta["first_step_losses"] = first
     meta["same_first_loss"] = len(set(first.values())) <= 1
     add_derived(results, meta)
-    data = dict(meta=meta, results=results)
+    data = dict(meta=meta, results=results, complete=True)
     print_table(data)
     print()
     print(render_markdown(data), end="")
     if not meta["same_first_loss"]:
         print(f"WARNING: first-step losses differ between optimizers: {first}")
 
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
-        f"overhead-{device.type}-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out, data)
     print(f"\nwrote {out}")
 
 

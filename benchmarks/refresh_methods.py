@@ -19,6 +19,7 @@ Two things decide whether something cheaper than ``torch.linalg.eigh`` can repla
    refreshes also give the error of both methods on real factors.
 
     python benchmarks/refresh_methods.py [--device cuda] [--out benchmarks/results/refresh_methods-cpu.json]
+    python benchmarks/refresh_methods.py --sizes 32,64 --drift-steps 0     # a dry run, seconds
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from environment import device_name, git_commit, loadavg, sync  # noqa: E402
+from environment import device_name, git_commit, loadavg, sync, write_json  # noqa: E402
 
 
 def _exact_root(factor: torch.Tensor, eps: float, alpha: float, bias_correction: float = 1.0) -> torch.Tensor:
@@ -222,6 +223,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--drift-steps", type=int, default=101,
                     help="training steps for the drift part (0: skip)")
+    ap.add_argument("--sizes", default="768,3072",
+                    help="factor sizes, comma-separated (default: GPT-2's 768,3072; small for a dry run)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--render", metavar="JSON", default=None)
     args = ap.parse_args()
@@ -229,13 +232,13 @@ def main():
         print(render_markdown(json.loads(Path(args.render).read_text())), end="")
         return
     device = torch.device(args.device)
-    sizes = (768, 3072)
+    sizes = tuple(int(d) for d in args.sizes.split(","))
     data = dict(device=device_name(device), torch=torch.__version__, commit=git_commit(),
                 load_average=loadavg(), kernels=kernel_times(device, sizes),
                 newton={str(d): newton_matmuls(d) for d in sizes},
                 drift=basis_drift(args.drift_steps) if args.drift_steps else [])
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"refresh_methods-{device.type}.json")
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    write_json(out, data, indent=1)
     print(render_markdown(data), end="")
     print(f"wrote {out}")
 

@@ -8,7 +8,10 @@ Each table in README.md sits between two markers naming its JSON file:
     <!-- /render -->
 
 The renderer is the ``render_markdown(data)`` of the benchmark script that wrote the file, chosen by the
-file name (``step_time-*.json`` -> step_time.py, ``convergence*.json`` -> convergence.py, ...).
+file name (``step_time-*.json`` -> step_time.py, ``convergence*.json`` -> convergence.py, ...). Two more
+forms: a folder of raw result files renders as one block (its renderer receives
+``{"path": ..., "files": {name: content}}``, JSON Lines as lists), and a pattern with ``*`` renders every
+file it matches, one after the other (a fixed sentence when none does yet).
 
     python benchmarks/render_readme.py            # rewrite README.md
     python benchmarks/render_readme.py --check    # exit 1 if README.md is not what the JSON renders
@@ -26,10 +29,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BLOCK = re.compile(r"(<!-- render: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
-# file-name prefix -> benchmark script; the longest matching prefix wins
+# file-name prefix -> benchmark script (and function, if not render_markdown); the longest matching
+# prefix wins
 RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead": "refresh_overhead",
              "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results",
-             "dist_step_time": "dist_step_time"}
+             "dist_step_time": "dist_step_time", "gpu_suite": "gpu_render",
+             "gpu-": "gpu_render:render_session"}
 
 
 def renderer(path: Path):
@@ -37,20 +42,42 @@ def renderer(path: Path):
     prefix = max((p for p in RENDERERS if name.startswith(p)), key=len, default=None)
     if prefix is None:
         raise SystemExit(f"{path}: no renderer for this file name (known prefixes: {sorted(RENDERERS)})")
+    module_name, _, function = RENDERERS[prefix].partition(":")
     sys.path.insert(0, str(HERE))
-    spec = importlib.util.spec_from_file_location(RENDERERS[prefix], HERE / f"{RENDERERS[prefix]}.py")
+    spec = importlib.util.spec_from_file_location(module_name, HERE / f"{module_name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.render_markdown
+    return getattr(module, function or "render_markdown")
+
+
+def load(path: Path):
+    """A result file's content; for a folder, its JSON and JSON Lines files by name."""
+    if not path.is_dir():
+        return json.loads(path.read_text())
+    files = {}
+    for f in sorted(path.iterdir()):
+        if f.suffix == ".json":
+            files[f.name] = json.loads(f.read_text())
+        elif f.suffix == ".jsonl":
+            files[f.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return {"path": path.relative_to(ROOT).as_posix(), "files": files}
 
 
 def render(text: str) -> str:
+    def one(path: Path) -> str:
+        return renderer(path)(load(path)).rstrip("\n") + "\n"
+
     def block(match: re.Match) -> str:
-        path = ROOT / match["path"]
-        if not path.is_file():
-            raise SystemExit(f"README.md renders {match['path']}, which does not exist")
-        body = renderer(path)(json.loads(path.read_text())).rstrip("\n") + "\n"
-        return match.group(1) + body + match.group(4)
+        pattern = match["path"]
+        if "*" in pattern:
+            paths = sorted(ROOT.glob(pattern))
+            body = ("\n".join(one(p) for p in paths) if paths
+                    else f"No result yet: no file matches `{pattern}`.\n")
+            return match.group(1) + body + match.group(4)
+        path = ROOT / pattern
+        if not path.exists():
+            raise SystemExit(f"README.md renders {pattern}, which does not exist")
+        return match.group(1) + one(path) + match.group(4)
 
     return BLOCK.sub(block, text)
 

@@ -32,7 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from environment import device_name, git_commit, loadavg, sync  # noqa: E402
+from environment import PhaseTimer, device_name, git_commit, loadavg, sync, write_json  # noqa: E402
+from variants import MOUSSE_VARIANTS, unsupported  # noqa: E402
+from variants import label as variant_label  # noqa: E402
 
 import hf_mousse  # noqa: E402
 
@@ -75,8 +77,22 @@ def auto_ns_dtype(device_type: str) -> str:
     return "bf16" if device_type == "cuda" else "fp32"
 
 
+# Mousse rows with an option on top of the defaults (variants.MOUSSE_VARIANTS). Rows in bf16 matmuls are
+# left out of the default CPU set (bf16 is emulated there); --only still selects them.
+VARIANT_ROWS = ("mousse_newton", "mousse_delay1", "mousse_bf16", "mousse_delay1_bf16")
+NOT_DEFAULT_ON_CPU = ("mousse_bf16", "mousse_delay1_bf16")
+
+
+def _variant_row(key: str, ns: str) -> dict:
+    options = MOUSSE_VARIANTS[key]
+    label = "hf_mousse.Mousse(refresh=newton)" if key == "mousse_newton" else variant_label(options)
+    return dict(key=key, label=label, ns=ns, options=options, unsupported=unsupported(options),
+                make=lambda ps: hf_mousse.Mousse(ps, lr=LR, **options))
+
+
 def optimizers(device: torch.device, authors_src: str | None = None) -> list[dict]:
-    """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses. With
+    """Rows of the table: key (for --only), label, factory(params) and the NS dtype it uses; a row with
+    ``unsupported`` set (an option this checkout's Mousse does not take) is reported, not run. With
     ``authors_src`` (a directory the authors' repository was exported to) a row runs their Mousse."""
     auto = auto_ns_dtype(device.type)
     rows = [
@@ -93,8 +109,7 @@ def optimizers(device: torch.device, authors_src: str | None = None) -> list[dic
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="both")),
         dict(key="mousse_left", label="hf_mousse.Mousse(sides=left)", ns=auto,
              make=lambda ps: hf_mousse.Mousse(ps, lr=LR, sides="left")),
-        dict(key="mousse_newton", label="hf_mousse.Mousse(refresh=newton)", ns=auto,
-             make=lambda ps: hf_mousse.Mousse(ps, lr=LR, refresh="newton")),
+        *(_variant_row(key, auto) for key in VARIANT_ROWS),
     ]
     if authors_src:
         import authors_mousse  # only with --authors-src: their code is loaded from that directory
@@ -128,41 +143,59 @@ def make_data(shapes, device, seed: int):
     return params, grads
 
 
-def refresh_period(opt) -> int | None:
-    """Steps between Mousse eigenbasis refreshes / MiMuon gap tests (None: no periodic extra work)."""
+def refresh_period(opt) -> tuple[int | None, int]:
+    """Steps between Mousse eigenbasis refreshes / MiMuon gap tests (None: no periodic extra work), and
+    Mousse's ``refresh_delay`` (steps between computing a refresh and applying it; 0 if absent)."""
     for g in opt.param_groups:
         period = g.get("refresh_every") or g.get("gap_every") or g.get("shampoo_update_freq")  # authors'
         if period:
-            return period
-    return None
+            return period, int(g.get("refresh_delay") or 0)
+    return None, 0
+
+
+def refresh_steps(period: int | None, delay: int, steps) -> list[bool]:
+    """Per optimizer step t (1-based): does t carry refresh work (t = 1, T + 1, ... or, with a refresh
+    delay d, up to d steps after one)?"""
+    if period is None:
+        return [False for _ in steps]
+    return [period == 1 or any((t - j) % period == 1 for j in range(delay + 1)) for t in steps]
 
 
 # ---------------------------------------------------------------------------- timing
 def time_rows(rows: list[dict], master_params, master_grads, device, warmup: int, iters: int) -> list[dict]:
     """Every row's optimizer on its own copy of the same parameters and gradients, stepped in turn:
     step t of every row, then step t + 1 (the row that goes first rotates), so that a drift in the
-    machine's speed (other load, clocks) falls on all rows alike instead of on whichever ran last."""
+    machine's speed (other load, clocks) falls on all rows alike instead of on whichever ran last.
+
+    Each ``opt.step()`` is timed with environment.PhaseTimer: on CUDA, events on the current stream,
+    read once per round (so work a row puts on a side stream is not charged to that step, and may
+    overlap the next rows' steps as it would overlap the rest of a training step)."""
     runs = []
     for row in rows:
         params = [torch.nn.Parameter(p.clone()) for p in master_params]
         for p, g in zip(params, master_grads):
             p.grad = g.clone()
         runs.append((row, row["make"](params), []))
+    timer = PhaseTimer(device)
     for step in range(warmup + iters):  # the warm-up includes step 1: lazy state (+ Mousse's first refresh)
         k = step % len(runs)
-        for _row, opt, times in runs[k:] + runs[:k]:
-            sync(device)
-            t0 = time.perf_counter()
+        order = runs[k:] + runs[:k]
+        for _row, opt, _times in order:
+            timer.mark()
             opt.step()
-            sync(device)
-            if step >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+            timer.mark()
+        if step >= warmup:
+            for (_row, _opt, times), ms in zip(order, timer.elapsed_ms()[::2]):
+                times.append(ms)
+        else:
+            timer.elapsed_ms()
         print(f"    step {step + 1}/{warmup + iters}" + (" (warm-up)" if step < warmup else ""), flush=True)
+    sync(device)  # side-stream work of the last step, before the next set or the next benchmark
     results = []
     for row, opt, times in runs:
-        period = refresh_period(opt)
+        period, delay = refresh_period(opt)
         steps = range(warmup + 1, warmup + iters + 1)  # optimizer step numbers, 1-based
-        refresh = [period is not None and (period == 1 or t % period == 1) for t in steps]
+        refresh = refresh_steps(period, delay, steps)
         plain = [t for t, r in zip(times, refresh) if not r] or times
         results.append(dict(
             key=row["key"], label=row["label"], ns_dtype=row["ns"],
@@ -170,6 +203,7 @@ def time_rows(rows: list[dict], master_params, master_grads, device, warmup: int
             median_no_refresh_ms=statistics.median(plain),
             mean_ms=statistics.fmean(times),
             refresh_every=period,
+            refresh_delay=delay,
             refresh_steps_timed=sum(refresh),
             times_ms=times,
             stats=opt.stats() if hasattr(opt, "stats") else None,
@@ -303,6 +337,8 @@ def render_markdown(data: dict) -> str:
                        f"{authors.get('commit', '?')}, patched in memory to run in one CPU process "
                        f"({', '.join(authors.get('patches', []))}; benchmarks/authors_mousse.py).")
         out.append("")
+    for skip in meta.get("skipped_rows") or []:
+        out.append(f"Not run: {skip['label']}: {skip['reason']}.")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -345,8 +381,10 @@ def parse_args():
                     help="timed steps, ideally a multiple of 10 (default: 50 CUDA, 10 CPU)")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
-                         "mousse_both, mousse_left, mousse_newton, authors (with --authors-src), mimuon, "
-                         "adamw (a row whose same-NS-dtype Muon baseline is left out gets ratio n/a)")
+                         "mousse_both, mousse_left, mousse_newton, mousse_delay1, mousse_bf16, "
+                         "mousse_delay1_bf16 (the last two not by default on CPU), authors (with "
+                         "--authors-src), mimuon, adamw (a row whose same-NS-dtype Muon baseline is left "
+                         "out gets ratio n/a; a row whose option this Mousse lacks is skipped and listed)")
     ap.add_argument("--authors-src", metavar="DIR", default=None,
                     help="directory the authors' Mousse repository was exported to (outside this "
                          "checkout): adds the row 'authors' (see benchmarks/README.md)")
@@ -394,6 +432,15 @@ def main():
         if unknown:
             sys.exit(f"unknown --only names {sorted(unknown)}; choose from {[r['key'] for r in rows]}")
         rows = [r for r in rows if r["key"] in wanted]
+    elif device.type != "cuda":
+        rows = [r for r in rows if r["key"] not in NOT_DEFAULT_ON_CPU]
+    skipped = [dict(key=r["key"], label=r["label"], reason=r["unsupported"])
+               for r in rows if r.get("unsupported")]
+    rows = [r for r in rows if not r.get("unsupported")]
+    for skip in skipped:
+        print(f"SKIPPED {skip['label']}: {skip['reason']}")
+    if not rows:
+        sys.exit("no row left to time")
     names = ["gpt2", "qwen3"] if args.set == "both" else [args.set]
 
     meta = dict(
@@ -406,7 +453,9 @@ def main():
                   "hf_mousse": "lr=0.02, class defaults (ns_dtype='auto': bf16 on CUDA, fp32 elsewhere)",
                   "torch.optim.AdamW": "lr=1e-3, foreach=None (torch's default choice)"},
         loadavg_1min_at_start=loadavg(),
-        rows={r["key"]: dict(label=r["label"], ns_dtype=r["ns"]) for r in rows},
+        rows={r["key"]: dict(label=r["label"], ns_dtype=r["ns"], options=r.get("options")) for r in rows},
+        skipped_rows=skipped,
+        timer=PhaseTimer.describe(device),
     )
     if any(r["key"] == "authors" for r in rows):
         import authors_mousse
@@ -421,7 +470,7 @@ def main():
     print(f"torch {meta['torch']}, hf_mousse {meta['hf_mousse']}, commit {meta['commit']}, "
           f"params and grads float32")
     print(f"warmup {args.warmup} steps, then {args.iters} timed steps per optimizer; "
-          f"timer: {'cuda.synchronize + ' if device.type == 'cuda' else ''}time.perf_counter")
+          f"timer: {meta['timer']}")
     print("Only 2-D hidden matrices (no embeddings, head, norms or biases): torch.optim.Muon rejects "
           "anything else. Random gradients, fixed seed, set once; each optimizer gets fresh params.")
     if device.type != "cuda":
@@ -451,8 +500,7 @@ def main():
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
         f"step_time-{device.type}-{args.set}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, sets=sets, target=target), indent=2) + "\n")
+    write_json(out, dict(meta=meta, sets=sets, target=target))
     print(f"\nwrote {out}")
 
 

@@ -4,7 +4,7 @@
     hf-mousse run -m MODULE [ARGS...]       the same for a module (like python -m)
     hf-mousse train RECIPE [--resume] [--push_to_hub REPO] [--dotted.key value ...]   run a YAML recipe
     hf-mousse bench NAME [ARGS...]          run benchmarks/NAME.py of a source checkout (convergence,
-                                            step_time, overhead, ...)
+                                            step_time, overhead, ...); ``bench gpu``: gpu_suite.py
     python -m hf_mousse SCRIPT.py [ARGS...] shorthand for ``run``; also under accelerate launch / torchrun
 """
 
@@ -21,10 +21,11 @@ from .integration.registry import register
 USAGE = __doc__
 
 
-def run(target: str, args: list[str], *, module: bool = False) -> None:
+def run(target: str, args: list[str], *, module: bool = False, register_names: bool = True) -> None:
     """Register our optimizer names, then execute ``target`` as ``__main__`` with ``sys.argv``
     set as ``python target args...`` would set it."""
-    register()
+    if register_names:
+        register()
     if module:
         sys.argv = [target, *args]
         runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -48,19 +49,25 @@ def _close_process_group() -> None:
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH_ALIASES = {"gpu": "gpu_suite"}
+BENCH_HELPERS = {"environment", "variants", "gpu_render"}  # modules of the benchmarks, not benchmarks
+# benchmarks that run every part in a child process: registering the Trainer names here (which
+# imports transformers) would only cost time
+BENCH_UNREGISTERED = {"gpu_suite"}
 
 
 def bench(name: str, args: list[str]) -> None:
     """Run ``benchmarks/NAME.py`` (they ship with the source checkout, not with the wheel)."""
+    name = BENCH_ALIASES.get(name, name)
     script = BENCHMARKS / f"{name}.py"
-    if not script.is_file():
-        found = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "environment")
+    if not script.is_file() or name in BENCH_HELPERS:
+        found = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in BENCH_HELPERS)
         raise SystemExit(
             f"hf-mousse bench: no benchmark {name!r} in {BENCHMARKS}"
             + (f"; available: {', '.join(found)}" if found else
                " (benchmarks ship with the source checkout: clone the repository and pip install -e .)")
         )
-    run(str(script), args)
+    run(str(script), args, register_names=name not in BENCH_UNREGISTERED)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("recipe")
     p_train.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
     p_train.add_argument("--push_to_hub", metavar="REPO_ID", help="upload model, card and last checkpoint")
-    p_bench = sub.add_parser("bench", help="run a benchmark script of the source checkout, e.g. convergence")
+    p_bench = sub.add_parser("bench", help="run a benchmark script of the source checkout, e.g. convergence; "
+                             "gpu: the GPU suite (gpu_suite.py)")
     p_bench.add_argument("name")
     p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser

@@ -173,3 +173,9 @@ def test_bench_runs_a_benchmark_script_and_names_the_available_ones(capsys):
         cli.main(["bench", "convergence", "--help"])
     assert exit_info.value.code == 0
     assert "--optimizers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # "gpu" names the GPU suite
+        cli.main(["bench", "gpu", "--help"])
+    assert exit_info.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no benchmark 'variants'"):  # a helper module is no benchmark
+        cli.main(["bench", "variants"])
