@@ -103,7 +103,12 @@ def kernel_times(device, sizes=(768, 3072), repeats=3, eps=1e-5, alpha=0.125) ->
         kernels = {"eigh": lambda: torch.linalg.eigh(f), "eigvalsh": lambda: torch.linalg.eigvalsh(f),
                    "qr": lambda: torch.linalg.qr(f), "cholesky": lambda: torch.linalg.cholesky(f),
                    "matmul": lambda: f @ f,
-                   "refresh_eigh": refresh.eigh, "refresh_newton": refresh.newton}
+                   "refresh_eigh": refresh.eigh, "refresh_newton": refresh.newton,
+                   # 8 same-size factors in one call, as a bucket's refresh makes it (time per factor
+                   # below): torch loops cuSOLVER's syevd over the batch for d > 32 on CUDA
+                   "eigh_batch8": lambda: torch.linalg.eigh(f.expand(8, d, d))}
+        if device.type == "cuda":  # the other GPU eigh torch has: MAGMA's
+            kernels["eigh_magma"] = lambda: with_linalg_library("magma", torch.linalg.eigh, f)
         row = {}
         for name, fn in kernels.items():
             fn()
@@ -117,9 +122,20 @@ def kernel_times(device, sizes=(768, 3072), repeats=3, eps=1e-5, alpha=0.125) ->
             row[name + "_ms"] = min(times) * 1e3
         exact = _exact_root(stack, eps, alpha)
         roots = refresh.roots()  # what the timed runs computed (each run recomputes the same result)
+        row["eigh_batch8_per_factor_ms"] = row.pop("eigh_batch8_ms") / 8
         row.update(error_eigh=rel_error(roots["eigh"], exact), error_newton=rel_error(roots["newton"], exact))
         out[str(d)] = row
     return out
+
+
+def with_linalg_library(name: str, fn, *args):
+    """``fn(*args)`` with torch's preferred CUDA linear-algebra library set to ``name``, then restored."""
+    before = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library(name)
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.cuda.preferred_linalg_library(before)
 
 
 def newton_matmuls(d: int, eps: float = 1e-5, alpha: float = 0.125) -> dict:
@@ -147,7 +163,7 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
     real = mousse_module.refresh_eigenbasis
     seen = []
 
-    def measuring(factor, eigvals, eigvecs, *, bias_correction, eps, stats, apply=None):
+    def measuring(factor, eigvals, eigvecs, *, bias_correction, eps, stats, apply=None, run=None):
         d = factor.size(-1)
         trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction
         f = (factor / bias_correction * (d / trace)[:, None, None]).double()
@@ -162,7 +178,7 @@ def basis_drift(steps: int, seed: int = 0) -> list[dict]:
         seen.append((d, rel_error(with_old, exact), rel_error(with_rayleigh, exact),
                      rel_error(methods["eigh"], exact), rel_error(methods["newton"], exact)))
         return real(factor, eigvals, eigvecs, bias_correction=bias_correction, eps=eps, stats=stats,
-                    apply=apply)
+                    apply=apply, run=run)
 
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     rows = []
@@ -192,6 +208,15 @@ def render_markdown(data: dict) -> str:
     for d, r in data["kernels"].items():
         lines.append(f"| {d} | {r['eigh_ms']:.1f} ms | {r['eigvalsh_ms']:.1f} ms | {r['qr_ms']:.1f} ms | "
                      f"{r['cholesky_ms']:.1f} ms | {r['matmul_ms']:.2f} ms |")
+    extra = [(d, r) for d, r in data["kernels"].items() if "eigh_batch8_per_factor_ms" in r]
+    if extra:
+        lines += ["", "Cheaper decompositions: eigh per factor in a batch of 8 (one call), and MAGMA's "
+                  "eigh (CUDA):", "", "| factor size | eigh | eigh, batch of 8, per factor | eigh (MAGMA) |",
+                  "|---|---|---|---|"]
+        for d, r in extra:
+            magma = f"{r['eigh_magma_ms']:.1f} ms" if "eigh_magma_ms" in r else "-"
+            batch = r["eigh_batch8_per_factor_ms"]
+            lines.append(f"| {d} | {r['eigh_ms']:.1f} ms | {batch:.1f} ms | {magma} |")
     lines += ["", "One factor's refresh as Mousse runs it (a rank-d/2 factor, eps 1e-5, alpha 1/8), and its "
               "error against the float64 root:", "",
               "| factor size | refresh=\"eigh\" | refresh=\"newton\" (products) | newton / eigh "
