@@ -232,3 +232,59 @@ def test_a_nonfinite_step_installs_nothing():
     assert all(torch.equal(after[k], v) for k, v in before.items())
     with pytest.raises(NonFiniteGradientError, match="non-finite gradient"):
         opt.check_finite()
+
+
+def test_cuda_wiring_of_the_background_refresh(monkeypatch):
+    """The CUDA branch of BackgroundRefresh, with stand-ins for torch.cuda's streams and events (no GPU
+    here): the submission records an event on the main stream, the worker runs the task inside the
+    side stream after waiting for that event and records a second event, and wait() makes the main
+    stream (of the task's device) wait for the second one, never the host for the device."""
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.name = f"event{sum(1 for e in log if e[0] == 'new event')}"
+            log.append(("new event", self.name))
+
+        def record(self, stream=None):
+            log.append(("record", self.name, getattr(stream, "name", "main")))
+
+    class Stream:
+        def __init__(self, device):
+            self.name = f"side:{device}"
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.name))
+
+    class Context:
+        def __init__(self, what):
+            self.what = what
+
+        def __enter__(self):
+            log.append(("enter", self.what))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.what))
+
+    class Main:
+        name = "main"
+
+        def wait_event(self, event):
+            log.append(("wait", "main", event.name))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Context(s.name))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: Context(str(d)))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Main())
+    runner = kronecker.BackgroundRefresh()
+    runner.submit("task", lambda: log.append(("run",)), torch.device("cuda", 1))
+    runner.wait("task")
+    assert log == [
+        ("new event", "event0"), ("record", "event0", "main"),  # submit, in this thread
+        ("enter", "cuda:1"), ("enter", "side:cuda:1"), ("wait", "side:cuda:1", "event0"), ("run",),
+        ("new event", "event1"), ("record", "event1", "side:cuda:1"), ("exit", "side:cuda:1"),
+        ("exit", "cuda:1"),  # the worker
+        ("wait", "main", "event1"),  # wait(): a stream wait, no host synchronisation
+    ]
+    assert runner.pending() == 0
