@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 from transformers import TrainerCallback
 
 
@@ -94,3 +98,16 @@ def alpaca_rows(n: int = 24) -> list[dict]:
     return [{"instruction": f"Explain Python {topics[i % 6]} briefly.",
              "input": "" if i % 2 else f"Example {i}",
              "output": f"Python {topics[i % 6]} are built-in types; example number {i}."} for i in range(n)]
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they import their siblings, so that folder goes on the path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,23 +5,16 @@ by recorders, and the optimizers run on CPU tensors."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class FakeEvent:
@@ -55,7 +48,7 @@ def fake_cuda(monkeypatch):
 
 
 def test_phase_timer_reads_events_and_waits_for_the_last_one_only(fake_cuda):
-    environment = load("environment")
+    environment = load_benchmark("environment")
     timer = environment.PhaseTimer(torch.device("cuda"))
     timer.mark()
     time.sleep(0.02)
@@ -68,7 +61,7 @@ def test_phase_timer_reads_events_and_waits_for_the_last_one_only(fake_cuda):
 
 
 def test_step_time_does_not_synchronize_the_device_around_each_step(fake_cuda):
-    step_time = load("step_time")
+    step_time = load_benchmark("step_time")
     shapes = step_time.build_shapes("gpt2", 1, 0.05)
     params, grads = step_time.make_data(shapes, torch.device("cpu"), 0)
     rows = [r for r in step_time.optimizers(torch.device("cpu")) if r["key"] in ("hf_muon", "mousse_both")]
@@ -79,7 +72,7 @@ def test_step_time_does_not_synchronize_the_device_around_each_step(fake_cuda):
 
 
 def test_overhead_times_the_phases_without_synchronizing_inside_the_loop(monkeypatch):
-    overhead = load("overhead")
+    overhead = load_benchmark("overhead")
     syncs = []
     monkeypatch.setattr(overhead, "sync", lambda device: syncs.append(device))
     preset = overhead.PRESETS["tiny"]

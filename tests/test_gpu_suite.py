@@ -4,7 +4,6 @@ installed Mousse lacks their option."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import subprocess
@@ -13,18 +12,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 PARTS = ("refresh_methods", "step", "overhead_gpt2", "overhead_qwen3", "memory")
 
 
-def load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +70,8 @@ def test_rows_are_skipped_only_for_an_option_mousse_lacks(smoke):
     Mousse does not take one of its options (when it does, the row must run)."""
     import hf_mousse
 
-    variants = load("variants")
-    suite_module = load("gpu_suite")
+    variants = load_benchmark("variants")
+    suite_module = load_benchmark("gpu_suite")
     accepted = inspect.signature(hf_mousse.Mousse).parameters
     suite, _ = smoke
     step = suite["parts"]["step"]
@@ -112,7 +106,7 @@ def test_render_prints_every_part(smoke, tmp_path):
 
 
 def test_a_failing_or_hanging_part_is_reported_and_the_results_it_wrote_kept(tmp_path, monkeypatch):
-    suite = load("gpu_suite")
+    suite = load_benchmark("gpu_suite")
     fail = tmp_path / "fail.py"
     fail.write_text("import sys\nprint('starting')\nsys.exit('broken on purpose')\n")
     hang = tmp_path / "hang.py"
@@ -137,7 +131,7 @@ def test_a_failing_or_hanging_part_is_reported_and_the_results_it_wrote_kept(tmp
 
 
 def test_refresh_steps_follow_the_period_and_the_delay():
-    step_time = load("step_time")
+    step_time = load_benchmark("step_time")
     steps = range(1, 23)
     plain = [t for t, r in zip(steps, step_time.refresh_steps(10, 0, steps)) if r]
     delayed = [t for t, r in zip(steps, step_time.refresh_steps(10, 1, steps)) if r]
@@ -146,7 +140,7 @@ def test_refresh_steps_follow_the_period_and_the_delay():
 
 
 def test_unsupported_names_the_missing_options():
-    variants = load("variants")
+    variants = load_benchmark("variants")
 
     class WithDelay:
         def __init__(self, params, lr=0.01, *, refresh_delay=0, **shared):
