@@ -8,9 +8,10 @@ soon as it ends (rewritten atomically after every part):
   refresh_methods  refresh_methods.py --device cuda: eigh, QR, ... and both refresh methods, 768 / 3072
   step             step_time.py on the GPT-2 set: torch.optim.Muon, hf_mousse.Muon, Mousse at its
                    defaults and with each newer option (refresh_delay=1, matmul_dtype=bfloat16, both,
-                   refresh=newton), the authors' Mousse with --authors-src
+                   those two with refresh_schedule=staggered and refresh_delay=2, refresh=newton), the
+                   authors' Mousse with --authors-src
   overhead_gpt2    overhead.py --preset gpt2-124m (262,144 tokens/step): Muon, Mousse, Mousse with
-                   refresh_delay=1 + matmul_dtype=bfloat16
+                   refresh_schedule=staggered + refresh_delay=2 + matmul_dtype=bfloat16
   overhead_qwen3   overhead.py --preset qwen3-0.6b at 32,768 tokens/step: the same three
   memory           from the two overhead parts: peak allocated memory and optimizer state per optimizer
 
@@ -51,8 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 TOTAL_S = 480  # 8 minutes, imports included
 STARTUP_RESERVE_S = 30  # this process's imports and CUDA start, the JSON writes, the children's exits
-OVERHEAD_ROWS = "muon,mousse,mousse_delay1_bf16"
-STEP_ROWS = "torch_muon,hf_muon,mousse_both,mousse_delay1,mousse_bf16,mousse_delay1_bf16,mousse_newton"
+OVERHEAD_ROWS = "muon,mousse,mousse_gpu"
+STEP_ROWS = ("torch_muon,hf_muon,mousse_both,mousse_delay1,mousse_bf16,mousse_delay1_bf16,mousse_gpu,"
+             "mousse_newton")
 
 # Budgets (seconds) from the costs one H200 measured (shared/GPU.md), estimates in brackets; each part
 # runs every Mousse row with 3 refreshes (t = 1, 11, 21) and times two of them:

@@ -79,8 +79,8 @@ def auto_ns_dtype(device_type: str) -> str:
 
 # Mousse rows with an option on top of the defaults (variants.MOUSSE_VARIANTS). Rows in bf16 matmuls are
 # left out of the default CPU set (bf16 is emulated there); --only still selects them.
-VARIANT_ROWS = ("mousse_newton", "mousse_delay1", "mousse_bf16", "mousse_delay1_bf16")
-NOT_DEFAULT_ON_CPU = ("mousse_bf16", "mousse_delay1_bf16")
+VARIANT_ROWS = ("mousse_newton", "mousse_delay1", "mousse_bf16", "mousse_delay1_bf16", "mousse_gpu")
+NOT_DEFAULT_ON_CPU = ("mousse_bf16", "mousse_delay1_bf16", "mousse_gpu")
 
 
 def _variant_row(key: str, ns: str) -> dict:
@@ -382,7 +382,8 @@ def parse_args():
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of: torch_muon, hf_muon, hf_muon_bf16 (CPU only), "
                          "mousse_both, mousse_left, mousse_newton, mousse_delay1, mousse_bf16, "
-                         "mousse_delay1_bf16 (the last two not by default on CPU), authors (with "
+                         "mousse_delay1_bf16, mousse_gpu (the bf16 rows not by default on CPU), authors "
+                         "(with "
                          "--authors-src), mimuon, adamw (a row whose same-NS-dtype Muon baseline is left "
                          "out gets ratio n/a; a row whose option this Mousse lacks is skipped and listed)")
     ap.add_argument("--authors-src", metavar="DIR", default=None,

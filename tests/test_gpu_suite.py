@@ -83,7 +83,7 @@ def test_rows_are_skipped_only_for_an_option_mousse_lacks(smoke):
         assert (key in skipped) == bool(lacks), key
         if lacks:
             assert all(k in skipped[key]["reason"] for k in lacks)
-    best = "mousse_delay1_bf16"  # the overhead parts' third row
+    best = "mousse_gpu"  # the overhead parts' third row
     lacks = bool(variants.unsupported(variants.MOUSSE_VARIANTS[best]))
     for name in ("overhead_gpt2", "overhead_qwen3"):
         part = suite["parts"][name]
