@@ -359,7 +359,11 @@ def main():
             print(f"  note: {label}'s best lr {best['lr']:g} is at the edge of its sweep {grid}")
 
     config = run_config(args, size, data)
-    reuse = reusable_runs(args.reuse, config) if args.reuse else {}
+    reuse: dict = {}
+    for path in (args.reuse or "").split(","):
+        if path:
+            for key, seeds in reusable_runs(path, config).items():
+                reuse.setdefault(key, {}).update(seeds)
     runs_by_label = {}
     for label, (name, optim_args) in specs.items():
         lr, _, seed0 = chosen[label]
@@ -483,8 +487,9 @@ def parse_args():
     ap.add_argument("--lrs", default=None, help="LABEL=LR,... skips the sweep for those runs")
     ap.add_argument("--sweep", default=None, help="LABEL=lr1/lr2/lr3,... overrides a sweep grid")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--reuse", metavar="JSON", default=None,
-                    help="take runs (same optimizer, optim_args, lr, seed, settings) from an earlier result")
+    ap.add_argument("--reuse", metavar="JSON[,JSON...]", default=None,
+                    help="take runs (same optimizer, optim_args, lr, seed, settings) from earlier results "
+                         "(comma-separated files)")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="default: the size's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")
