@@ -50,6 +50,9 @@ def render_markdown(suite: dict) -> str:
         limit = part.get("timeout_s", part.get("budget_s"))
         out.append(f"| {name} | {part['status']} | {part.get('wall_s', 0):.1f} | "
                    f"{'' if limit is None else f'{limit:.0f}'} | {_cell(note)} |")
+    goals = render_goals(suite)
+    if goals:
+        out += ["", "**Goals** (issue 19; each ratio from rows measured side by side in one part)", "", goals]
     renderers = _renderers()
     for name, part in suite["parts"].items():
         results = part.get("results")
@@ -63,6 +66,49 @@ def render_markdown(suite: dict) -> str:
         if script:
             out.append(renderers[script](results).rstrip("\n"))
     return "\n".join(out).rstrip() + "\n"
+
+
+# (part, row key, what, the figure from a row and Muon's row of that part, bound)
+GOALS = [
+    ("overhead_gpt2", "mousse", "GPT-2-124M whole step, mean vs Muon, defaults",
+     lambda r, m: r["step_mean_ms"] / m["step_mean_ms"], 1.03),
+    ("overhead_gpt2", "mousse_gpu", "GPT-2-124M whole step, mean vs Muon, GPU options",
+     lambda r, m: r["step_mean_ms"] / m["step_mean_ms"], 1.03),
+    ("overhead_qwen3", "mousse", "Qwen3-0.6B whole step, mean vs Muon, defaults",
+     lambda r, m: r["step_mean_ms"] / m["step_mean_ms"], 1.15),
+    ("overhead_qwen3", "mousse_gpu", "Qwen3-0.6B whole step, mean vs Muon, GPU options",
+     lambda r, m: r["step_mean_ms"] / m["step_mean_ms"], 1.05),
+    ("overhead_qwen3", "mousse", "Qwen3-0.6B whole step, max vs its own median, defaults",
+     lambda r, m: r["step_max_ms"] / r["step_median_ms"], 1.5),
+    ("overhead_qwen3", "mousse_gpu", "Qwen3-0.6B whole step, max vs its own median, GPU options",
+     lambda r, m: r["step_max_ms"] / r["step_median_ms"], 1.5),
+]
+STEP_GOAL_ROWS = ("mousse_both", "mousse_bf16", "mousse_gpu")  # plain opt.step on the GPT-2 set <= 2x Muon
+
+
+def render_goals(suite: dict) -> str:
+    """Issue 19's targets against what this run measured; a goal whose rows did not run says so."""
+    lines = ["| goal | measured | bound | met |", "|---|---|---|---|"]
+
+    def row(what, value, bound):
+        if value is None:
+            lines.append(f"| {what} | not measured | <= {bound:g}x | - |")
+        else:
+            lines.append(f"| {what} | {value:.3f}x | <= {bound:g}x | {'yes' if value <= bound else 'no'} |")
+
+    for part, key, what, figure, bound in GOALS:
+        results = (suite["parts"].get(part, {}).get("results") or {}).get("results") or []
+        rows = {r["key"]: r for r in results}
+        value = figure(rows[key], rows["muon"]) if key in rows and "muon" in rows else None
+        row(what, value, bound)
+    step = (suite["parts"].get("step", {}).get("results") or {}).get("sets", {}).get("gpt2", {})
+    rows = {r["key"]: r for r in step.get("results", [])}
+    for key in STEP_GOAL_ROWS:
+        value = (rows[key]["median_no_refresh_ms"] / rows["hf_muon"]["median_ms"]
+                 if key in rows and "hf_muon" in rows else None)
+        label = rows[key]["label"] if key in rows else key
+        row(f"plain optimizer step, GPT-2 set, {label} vs hf_mousse.Muon", value, 2.0)
+    return "\n".join(lines)
 
 
 def render_memory(rows: list[dict]) -> str:

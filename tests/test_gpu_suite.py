@@ -103,6 +103,11 @@ def test_render_prints_every_part(smoke, tmp_path):
         assert f"| {name} | ok |" in proc.stdout
     assert "| optimizer | NS dtype |" in proc.stdout  # step_time's table
     assert "| tiny-qwen3 | hf_mousse.Mousse |" in proc.stdout  # the memory table
+    # issue 19's goals, each computed from the smoke run's rows (all of them ran: no "not measured")
+    render = load_benchmark("gpu_render")
+    goals = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x | <= " in line]
+    assert len(goals) == len(render.GOALS) + len(render.STEP_GOAL_ROWS), goals
+    assert not any("not measured" in line for line in goals), goals
 
 
 def test_a_failing_or_hanging_part_is_reported_and_the_results_it_wrote_kept(tmp_path, monkeypatch):
