@@ -489,7 +489,7 @@ def parse_args():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--reuse", metavar="JSON[,JSON...]", default=None,
                     help="take runs (same optimizer, optim_args, lr, seed, settings) from earlier results "
-                         "(comma-separated files)")
+                         "(comma-separated files; a run in several: the last file's)")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="default: the size's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")
