@@ -62,7 +62,8 @@ HELP: dict[str, str] = {
     "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
                        "that follows cancels it; kept for fidelity with the authors' code)",
     "grafting": "rescale the update to the Frobenius norm of the Newton–Schulz output",
-    "sides": "preconditioned sides: both, left (output dimension) or right (input dimension)",
+    "sides": "preconditioned sides: both, left (output dimension), right (input dimension) or small (the "
+             "smaller of the two per matrix, left when m <= n: the cheap factor to store and refresh)",
     # MiMuon
     "gap_rule": "singular-value gap statistic kappa: scaled ((k - 1) min adjacent gap / largest singular "
                 "value, over the k resolvable values: the tightest gap in units of the mean spacing) or "

@@ -17,11 +17,20 @@ from .hyperparameters import args_doc
 from .kronecker import BackgroundRefresh, gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
 from .roles import matrix_dims
 
-SIDES = ("both", "left", "right")
+SIDES = ("both", "left", "right", "small")
 REFRESH_SCHEDULES = ("together", "staggered")
 REFRESH_METHODS = ("eigh", "newton")
 MATMUL_DTYPES = ("float32", "bfloat16")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
+
+
+def whitened_sides(sides: str, m: int, n: int) -> tuple[str, ...]:
+    """The sides of an m x n (fan-out x fan-in) block that ``sides`` whitens: "small" is the smaller
+    factor's side (left when m <= n), the one that is cheap to store and to refresh."""
+    if sides == "small":
+        return ("left",) if m <= n else ("right",)
+    return _SIDES[sides]
+
 _MATMUL_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
@@ -114,7 +123,7 @@ class Mousse(SpectralOptimizer):
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
-        for side in _SIDES[group["sides"]]:
+        for side in whitened_sides(group["sides"], m, n):
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
             if group["refresh"] == "newton":  # the identity until the refresh at step 1
@@ -125,7 +134,7 @@ class Mousse(SpectralOptimizer):
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
             state[keys.kron_eigvecs(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
         if group["refresh_delay"]:
-            for side in _SIDES[group["sides"]]:
+            for side in whitened_sides(group["sides"], m, n):
                 for key in self._basis_keys(group, side):
                     state[keys.pending(key)] = state[key].clone()
 
@@ -145,12 +154,12 @@ class Mousse(SpectralOptimizer):
     def _bucket_update(self, bucket: Bucket):
         group = bucket.group
         g = bucket.stack(bucket.grads)  # raw gradient, fp32, logical layout
-        eig = {side: self._update_side(bucket, g, side) for side in _SIDES[group["sides"]]}
+        _, m, n = bucket.x.shape
+        eig = {side: self._update_side(bucket, g, side) for side in whitened_sides(group["sides"], m, n)}
         update = precondition(
             bucket.x, eig.get("left"), eig.get("right"), group["alpha"],
             lambda y: self.orthogonalize(group, y), group["grafting"], _MATMUL_DTYPE[group["matmul_dtype"]],
         )
-        _, m, n = bucket.x.shape
         return update.to(bucket.x.dtype), lr_ratio(group["adjust_lr"], m, n)
 
     @staticmethod
@@ -255,13 +264,13 @@ class Mousse(SpectralOptimizer):
     @staticmethod
     def _refresh_cost(p: torch.Tensor, group: dict) -> float:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
-        return k * sum((m if side == "left" else n) ** 3 for side in _SIDES[group["sides"]])
+        return k * sum((m if side == "left" else n) ** 3 for side in whitened_sides(group["sides"], m, n))
 
     def _block_cost(self, group: dict, m: int, n: int) -> float:
         # + the factor EMAs and the rotations in and out of the eigenbases (~3 products per side), and
         # the refresh (an eigendecomposition, ~10 d^3, or the Newton iteration's products), amortised
         # over refresh_every steps.
-        sides = [m if side == "left" else n for side in _SIDES[group["sides"]]]
+        sides = [m if side == "left" else n for side in whitened_sides(group["sides"], m, n)]
         t = group["refresh_every"]
         per_step = sum(3.0 * d * m * n + self._refresh_flops(group, d) / t for d in sides)
         return super()._block_cost(group, m, n) + per_step
