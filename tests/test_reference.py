@@ -179,3 +179,23 @@ def test_muon_matches_torch_muon(ns_dtype, tol):
         moved = (b - w).norm()
         assert moved > 0
         assert ((a - b).norm() / moved).item() < tol
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_mousse_small_side_whitens_the_smaller_factor(shape):
+    """sides="small" is one-sided Mousse on the smaller side of each matrix (left when m <= n): it
+    follows the float64 reference of that side, keeps only that factor, and differs from the other
+    side's reference (for non-square shapes)."""
+    m, n = shape
+    side, other = ("left", "right") if m <= n else ("right", "left")
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = grads_for(shape)
+    kw = dict(lr=0.02, weight_decay=0.01, refresh_every=10, eps=1e-3)
+    got, opt = run_fast(Mousse, w0, grads, sides="small", **kw)
+    expected = ref.mousse(w0, grads, sides=side, **kw)
+    assert rel_err(got[-1], expected[-1], w0) < 1e-4
+    state = next(iter(opt.state.values()))
+    assert state_keys.kron(side) in state and state_keys.kron(other) not in state
+    assert state[state_keys.kron(side)].shape[-1] == min(m, n)
+    if m != n:
+        assert rel_err(got[-1], ref.mousse(w0, grads, sides=other, **kw)[-1], w0) > 1e-3
