@@ -74,6 +74,9 @@ def test_ddp_split_matches_one_process(tmp_path, reference, optim):
     assert_same_weights(one["weights"], two["weights"])
     assert_work_split(two)
     assert one["stats"][0]["matrix_updates"] == matrix_blocks_per_step("gpt2", False) * STEPS
+    # each rank keeps only its matrices' state: together, the one process's
+    ranks = [s["state_bytes_matrix"] for s in two["stats"]]
+    assert sum(ranks) == one["stats"][0]["state_bytes_matrix"] and all(0 < r for r in ranks), ranks
 
 
 @pytest.mark.parametrize(("optim", "model", "build", "lora"), [

@@ -268,11 +268,16 @@ class SpectralOptimizer(SplitStep, CheckpointState, torch.optim.Optimizer):
         skipped non-finite steps, withheld non-finite updates; ``matrix_updates``: the matrix blocks
         (a fused projection split in k counts k) whose update this rank computed since construction
         (summed over the ranks of a split run, matrices x steps). Under a split run the eigh counters
-        are this rank's too. Calls :meth:`check_finite` first (one device read if a step ran since
+        are this rank's too. ``state_bytes`` (and its ``_matrix`` / ``_scalar`` parts): see
+        :meth:`state_bytes`. Calls :meth:`check_finite` first (one device read if a step ran since
         the last check)."""
         self.check_finite()
         self.eigh_stats.settle()
+        size = self.state_bytes()
         return {
+            "state_bytes": size["matrix"] + size["scalar"],
+            "state_bytes_matrix": size["matrix"],
+            "state_bytes_scalar": size["scalar"],
             "eigh_refreshes": self.eigh_stats.refreshed,
             "eigh_fp64_retries": self.eigh_stats.fp64_retries,
             "eigh_failures": self.eigh_stats.failures,
@@ -281,6 +286,24 @@ class SpectralOptimizer(SplitStep, CheckpointState, torch.optim.Optimizer):
             "nonfinite_updates": self.nonfinite_updates,
             "matrix_updates": self.matrix_updates,
         }
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state this rank keeps once every parameter has stepped, per path
+        ("matrix", "scalar"), computed by the code that allocates the state (:meth:`_fresh_state`, on
+        the meta device: nothing is allocated, so it also sizes a model built on "meta"). Under the
+        split over ranks a rank keeps only the matrices it owns, and the scalar path's shards."""
+        world = self._world()
+        owners, me = (self._owner_map(world), distributed.rank()) if world else ({}, 0)
+        out = {"matrix": 0, "scalar": 0}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if g["role"] == "matrix" and owners.get(id(p), me) != me:
+                    continue
+                like = p if g["role"] == "matrix" else distributed.local(p)  # (a DTensor's global shape)
+                meta = torch.empty(like.shape, dtype=like.dtype, device="meta")
+                fresh = [t for t in self._fresh_state(meta, g).values() if isinstance(t, torch.Tensor)]
+                out[g["role"]] += sum(t.numel() * t.element_size() for t in fresh)
+        return out
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteGradientError` if a step since the last check had a non-finite

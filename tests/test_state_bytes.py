@@ -1,0 +1,58 @@
+"""``stats()["state_bytes"]``: the optimizer state a rank keeps, computed by the code that allocates
+it, equals the bytes actually held after a step, for every optimizer and the settings that change the
+state's size; and a model built on the meta device is sized without allocating anything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_gpt2
+
+from hf_mousse import MiMuon, Mousse, Muon
+
+CASES = [
+    (Muon, {}),
+    (MiMuon, {}),
+    (Mousse, {}),
+    (Mousse, {"sides": "small"}),
+    (Mousse, {"sides": "left", "refresh_delay": 1}),
+    (Mousse, {"refresh": "newton", "refresh_schedule": "staggered"}),
+    (Mousse, {"scalar_optimizer": "lion"}),
+]
+
+
+def held(opt) -> dict[str, int]:
+    out = {"matrix": 0, "scalar": 0}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            out[g["role"]] += sum(v.numel() * v.element_size() for v in opt.state[p].values()
+                                  if isinstance(v, torch.Tensor))
+    return out
+
+
+@pytest.mark.parametrize("cls, kw", CASES, ids=[f"{c.__name__}-{k}" for c, k in CASES])
+def test_state_bytes_equal_the_bytes_held(cls, kw):
+    model = tiny_gpt2()
+    opt = cls.for_model(model, lr=0.01, **kw)
+    before = opt.stats()
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    stats, actual = opt.stats(), held(opt)
+    assert actual["matrix"] > 0 and actual["scalar"] > 0
+    assert (stats["state_bytes_matrix"], stats["state_bytes_scalar"]) == (actual["matrix"], actual["scalar"])
+    assert stats["state_bytes"] == actual["matrix"] + actual["scalar"]
+    assert before["state_bytes"] == stats["state_bytes"]  # known before the lazy state exists
+
+
+def test_sides_small_keeps_less_than_both_and_a_meta_model_is_sized():
+    """On the meta device (no memory): Mousse's state with sides="small" is below its default's, and
+    Muon's matrix state is exactly the momentum (4 bytes per fp32 matrix entry)."""
+    with torch.device("meta"):
+        model = tiny_gpt2()
+    both = Mousse.for_model(model).stats()["state_bytes_matrix"]
+    small = Mousse.for_model(model, sides="small").stats()["state_bytes_matrix"]
+    muon = Muon.for_model(model).stats()["state_bytes_matrix"]
+    assert muon < small < both
+    assert muon == 4 * sum(p.numel() for g in Muon.for_model(model).param_groups if g["role"] == "matrix"
+                           for p in g["params"])
