@@ -33,7 +33,7 @@ BLOCK = re.compile(r"(<!-- render: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /rende
 # prefix wins
 RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead": "refresh_overhead",
              "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results",
-             "dist_step_time": "dist_step_time", "gpu_suite": "gpu_render",
+             "dist_step_time": "dist_step_time", "gpu_suite": "gpu_render", "memory": "memory",
              "gpu-": "gpu_render:render_session"}
 
 

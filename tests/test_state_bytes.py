@@ -56,3 +56,21 @@ def test_sides_small_keeps_less_than_both_and_a_meta_model_is_sized():
     assert muon < small < both
     assert muon == 4 * sum(p.numel() for g in Muon.for_model(model).param_groups if g["role"] == "matrix"
                            for p in g["params"])
+
+
+def test_memory_benchmark_sizes_each_row_and_rank(monkeypatch):
+    """benchmarks/memory.py on a tiny config: one row per setting, each rank of the split keeps less than
+    one process, and the largest rank's share is what state_bytes(world, rank) gives."""
+    from helpers import load_benchmark
+
+    memory = load_benchmark("memory")
+    tiny = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    monkeypatch.setattr(memory, "MODELS", {"tiny": ("gpt2", tiny)})
+    rows = {r["row"]: r for r in memory.measure(ranks=2)}
+    assert rows.keys() == memory.ROWS.keys()
+    for r in rows.values():
+        assert 0 < r["largest_rank_bytes"] < r["matrix_bytes"] + r["scalar_bytes"]
+    assert rows["Mousse, sides=small"]["matrix_bytes"] < rows["Mousse"]["matrix_bytes"]
+    assert rows["Mousse, refresh_delay=1"]["matrix_bytes"] > rows["Mousse"]["matrix_bytes"]
+    assert "| tiny | Mousse, sides=small |" in memory.render_markdown(
+        dict(commit="x", ranks=2, rows=list(rows.values())))

@@ -287,13 +287,16 @@ class SpectralOptimizer(SplitStep, CheckpointState, torch.optim.Optimizer):
             "matrix_updates": self.matrix_updates,
         }
 
-    def state_bytes(self) -> dict[str, int]:
+    def state_bytes(self, world: int | None = None, rank: int = 0) -> dict[str, int]:
         """Bytes of optimizer state this rank keeps once every parameter has stepped, per path
         ("matrix", "scalar"), computed by the code that allocates the state (:meth:`_fresh_state`, on
         the meta device: nothing is allocated, so it also sizes a model built on "meta"). Under the
-        split over ranks a rank keeps only the matrices it owns, and the scalar path's shards."""
-        world = self._world()
-        owners, me = (self._owner_map(world), distributed.rank()) if world else ({}, 0)
+        split over ranks a rank keeps only the matrices it owns, and the scalar path's shards.
+        ``world`` (with ``rank``) sizes rank ``rank`` of a DDP split over ``world`` ranks instead."""
+        if world is None:
+            world = self._world()
+            rank = distributed.rank() if world else 0
+        owners, me = (self._owner_map(world), rank) if world else ({}, 0)
         out = {"matrix": 0, "scalar": 0}
         for g in self.param_groups:
             for p in g["params"]:
