@@ -110,6 +110,32 @@ def test_bf16_factor_products_and_rotations_within_the_bf16_bar(shape, sides, re
         assert BF16_FLOOR < final_err, f"ns {ns_dtype}: error {final_err:.1e}: bf16 products not taken?"
 
 
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("refresh", ["eigh", "newton"])
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_bf16_stored_bases_within_the_bf16_bar(shape, refresh, matmul_dtype):
+    """basis_dtype="bfloat16" (eigenvectors or inverse roots kept in bf16: half their memory) stays
+    within the bf16 Newton–Schulz bar, alone and with bf16 products, keeps those entries in bf16 (and
+    the factors and eigenvalues in fp32), and really rounds them (error above fp32's floor)."""
+    _, kw, _ = CASES["mousse"]
+    kw = {**kw, "refresh": refresh, "basis_dtype": "bfloat16", "matmul_dtype": matmul_dtype,
+          "ns_dtype": "float32"}
+    w0, grads = problem(shape)
+    expected = ref.mousse(w0, grads, lr=0.02, weight_decay=0.0, refresh_every=3, eps=1e-3)
+    step_err, final_err = errors(Mousse, kw, expected, w0, grads)
+    print(f"{shape} {refresh} matmul {matmul_dtype}: per-step {step_err:.2e}, final {final_err:.2e}")
+    assert step_err < STEP_TOL and final_err < FINAL_TOL, (step_err, final_err)
+    assert BF16_FLOOR < final_err
+    p = torch.nn.Parameter(w0.float())
+    opt = Mousse([p], **kw)
+    p.grad = grads[0].float()
+    opt.step()
+    dtypes = {k: v.dtype for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    stored = [k for k in dtypes if k.endswith(("_eigvecs", "_root"))]
+    assert len(stored) == 2 and all(dtypes[k] == torch.bfloat16 for k in stored), dtypes
+    assert all(dtypes[k] == torch.float32 for k in dtypes if k not in stored), dtypes
+
+
 # (optimizer, ns_dtype, tolerance). Muon's two orientations see bitwise-equal NS inputs, so only
 # the matmuls' accumulation order can differ (measured here: 0 in bf16, 4e-6 in fp32). Mousse in
 # bf16 is left out: its fp32 factors and eigenbases differ between orientations by fp32 rounding,

@@ -58,6 +58,9 @@ HELP: dict[str, str] = {
     "matmul_dtype": "dtype of the factor EMAs' products (G G^T, G^T G) and of the rotations into and out of "
                     "the eigenbases: float32 (the authors') or bfloat16 (tensor cores on a GPU, fp32 "
                     "accumulation; the factors and bases stay fp32)",
+    "basis_dtype": "storage dtype of the eigenvectors (refresh=newton: the inverse roots): float32 or "
+                   "bfloat16 (half the memory; rounded once per refresh; the factors and eigenvalues stay "
+                   "fp32)",
     "eps": "damping of the factors, relative to their mean eigenvalue 1",
     "bias_correction": "divide the factors by 1 - beta^t before each refresh (the trace normalisation "
                        "that follows cancels it; kept for fidelity with the authors' code)",

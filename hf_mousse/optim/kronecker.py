@@ -122,7 +122,7 @@ def refresh_eigenbasis(
         ok = valid
         result = _eigh(f, stats)
         if result is None:  # some matrix in the batch failed both ways: retry one by one
-            vals, vecs = eigvals.clone(), eigvecs.clone()
+            vals, vecs = eigvals.clone(), eigvecs.float()  # (a copy when stored in bf16)
             done = torch.zeros(f.size(0), dtype=torch.bool, device=f.device)
             for i in range(f.size(0)):
                 r = _eigh(f[i], stats)
@@ -139,7 +139,8 @@ def refresh_eigenbasis(
         # leaves an eigenvalue of 0, whose negative power is inf. Exact arithmetic never clamps here.
         vals.clamp_min_(eps)
         torch.where(ok[:, None], vals, eigvals, out=eigvals)
-        torch.where(ok[:, None, None], vecs, eigvecs, out=eigvecs)
+        # the eigenvectors are stored in their state's dtype (basis_dtype), rounded once here
+        torch.where(ok[:, None, None], vecs.to(eigvecs.dtype), eigvecs, out=eigvecs)
 
     (run or _now)(finish)
 
@@ -229,7 +230,7 @@ def refresh_root(
 
     def finish() -> None:
         new = inverse_root_newton(f, p, iterations)
-        torch.where(valid[:, None, None], new, root, out=root)
+        torch.where(valid[:, None, None], new.to(root.dtype), root, out=root)
 
     (run or _now)(finish)
 

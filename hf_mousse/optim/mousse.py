@@ -21,6 +21,7 @@ SIDES = ("both", "left", "right", "small")
 REFRESH_SCHEDULES = ("together", "staggered")
 REFRESH_METHODS = ("eigh", "newton")
 MATMUL_DTYPES = ("float32", "bfloat16")
+BASIS_DTYPES = ("float32", "bfloat16")
 _SIDES = {"both": ("left", "right"), "left": ("left",), "right": ("right",)}
 
 
@@ -31,7 +32,7 @@ def whitened_sides(sides: str, m: int, n: int) -> tuple[str, ...]:
         return ("left",) if m <= n else ("right",)
     return _SIDES[sides]
 
-_MATMUL_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
 
@@ -40,9 +41,10 @@ class Mousse(SpectralOptimizer):
     # factors per side; staggered refresh phases; eigenbases or inverse roots
     # (+ refresh_delay: whether the state holds the pending refresh results)
     state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule", "refresh",
-                           "refresh_delay")
+                           "refresh_delay", "basis_dtype")
     # checkpoints from before these options all used eigh, no delay, fp32 matmuls
-    keys_added_later = {"refresh": "eigh", "refresh_delay": 0, "matmul_dtype": "float32"}
+    keys_added_later = {"refresh": "eigh", "refresh_delay": 0, "matmul_dtype": "float32",
+                        "basis_dtype": "float32"}
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class Mousse(SpectralOptimizer):
         refresh: str = "eigh",
         refresh_delay: int = 0,
         matmul_dtype: str = "float32",
+        basis_dtype: str = "float32",
         eps: float = 1e-5,
         bias_correction: bool = True,
         grafting: bool = True,
@@ -71,7 +74,8 @@ class Mousse(SpectralOptimizer):
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, alpha=alpha,
                         beta=beta, refresh_every=refresh_every, refresh_schedule=refresh_schedule,
-                        refresh=refresh, refresh_delay=refresh_delay, matmul_dtype=matmul_dtype, eps=eps,
+                        refresh=refresh, refresh_delay=refresh_delay, matmul_dtype=matmul_dtype,
+                        basis_dtype=basis_dtype, eps=eps,
                         bias_correction=bias_correction,
                         grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
                         adjust_lr=adjust_lr)
@@ -102,6 +106,7 @@ class Mousse(SpectralOptimizer):
                "next one is computed (raise refresh_every, or lower refresh_delay)")
         _check(g["matmul_dtype"] in MATMUL_DTYPES, "matmul_dtype", g["matmul_dtype"],
                f"one of {MATMUL_DTYPES}")
+        _check(g["basis_dtype"] in BASIS_DTYPES, "basis_dtype", g["basis_dtype"], f"one of {BASIS_DTYPES}")
         if g["refresh"] == "newton":
             # The coupled Newton iteration computes A^(-1/p) for an integer p.
             p = 1 / a if _is_real(a) and a > 0 else math.inf
@@ -123,16 +128,18 @@ class Mousse(SpectralOptimizer):
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
+        basis = _DTYPE[group["basis_dtype"]]  # eigenvectors or roots; factors and eigenvalues stay fp32
         for side in whitened_sides(group["sides"], m, n):
             d = m if side == "left" else n
             state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
+            eye = torch.eye(d, dtype=basis, device=p.device).expand(k, d, d).clone()
             if group["refresh"] == "newton":  # the identity until the refresh at step 1
-                state[keys.kron_root(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+                state[keys.kron_root(side)] = eye
                 continue
             # The official code starts from eigenvalues 0; 1 only differs if the first refresh
             # sees a zero gradient, where 0 ** -alpha would be inf.
             state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
-            state[keys.kron_eigvecs(side)] = torch.eye(d, device=p.device).expand(k, d, d).clone()
+            state[keys.kron_eigvecs(side)] = eye
         if group["refresh_delay"]:
             for side in whitened_sides(group["sides"], m, n):
                 for key in self._basis_keys(group, side):
@@ -158,7 +165,7 @@ class Mousse(SpectralOptimizer):
         eig = {side: self._update_side(bucket, g, side) for side in whitened_sides(group["sides"], m, n)}
         update = precondition(
             bucket.x, eig.get("left"), eig.get("right"), group["alpha"],
-            lambda y: self.orthogonalize(group, y), group["grafting"], _MATMUL_DTYPE[group["matmul_dtype"]],
+            lambda y: self.orthogonalize(group, y), group["grafting"], _DTYPE[group["matmul_dtype"]],
         )
         return update.to(bucket.x.dtype), lr_ratio(group["adjust_lr"], m, n)
 
@@ -180,7 +187,7 @@ class Mousse(SpectralOptimizer):
         (there is no earlier basis to keep using)."""
         group = bucket.group
         factors = [s[keys.kron(side)] for s in bucket.states]
-        gg = gram(g, side, _MATMUL_DTYPE[group["matmul_dtype"]])
+        gg = gram(g, side, _DTYPE[group["matmul_dtype"]])
         self._gate.lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
                          1 - group["beta"])
         delay, basis = group["refresh_delay"], self._basis_keys(group, side)
