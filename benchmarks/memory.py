@@ -43,6 +43,8 @@ ROWS = {  # label -> (optimizer class name, options)
     "Muon": ("Muon", {}),
     "Mousse": ("Mousse", {}),
     "Mousse, sides=small": ("Mousse", {"sides": "small"}),
+    "Mousse, basis_dtype=bfloat16": ("Mousse", {"basis_dtype": "bfloat16"}),
+    "Mousse, sides=small, basis_dtype=bfloat16": ("Mousse", {"sides": "small", "basis_dtype": "bfloat16"}),
     "Mousse, refresh_delay=1": ("Mousse", {"refresh_delay": 1}),
     "Mousse, sides=small, refresh_delay=1": ("Mousse", {"sides": "small", "refresh_delay": 1}),
 }

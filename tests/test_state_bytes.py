@@ -74,3 +74,41 @@ def test_memory_benchmark_sizes_each_row_and_rank(monkeypatch):
     assert rows["Mousse, refresh_delay=1"]["matrix_bytes"] > rows["Mousse"]["matrix_bytes"]
     assert "| tiny | Mousse, sides=small |" in memory.render_markdown(
         dict(commit="x", ranks=2, rows=list(rows.values())))
+
+
+@pytest.mark.parametrize("saved, resumed", [
+    ({"sides": "small"}, {"sides": "both"}),
+    ({"basis_dtype": "bfloat16"}, {"basis_dtype": "float32"}),
+    ({"basis_dtype": "bfloat16", "sides": "small"}, None),
+])
+def test_memory_options_resume_exactly_and_refuse_another_storage(saved, resumed, tmp_path):
+    """A checkpoint (optimizer.safetensors) written with a memory option resumes bit for bit; resuming
+    it with another storage option is refused, naming the option, and changes nothing."""
+    from hf_mousse import load_optimizer, save_optimizer
+    from hf_mousse.errors import CheckpointError
+
+    def run(model, opt, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = tiny_gpt2().eval()  # no dropout: the continued and the resumed run see the same computation
+    opt = Mousse.for_model(model, refresh_every=3, **saved)
+    run(model, opt, 4, seed=1)
+    path = str(tmp_path / "optimizer.safetensors")
+    save_optimizer(opt, path, model)
+    copy = tiny_gpt2().eval()
+    copy.load_state_dict(model.state_dict())
+    run(model, opt, 4, seed=2)
+    if resumed is not None:
+        other = Mousse.for_model(copy, refresh_every=3, **resumed)
+        with pytest.raises(CheckpointError, match=next(iter(resumed))):
+            load_optimizer(other, path, copy)
+        assert not other.state
+    opt2 = Mousse.for_model(copy, refresh_every=3, **saved)
+    load_optimizer(opt2, path, copy)
+    run(copy, opt2, 4, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
