@@ -65,6 +65,9 @@ def test_trainer_push_to_hub_card_has_tags_and_effective_hyperparameters(tmp_pat
     for row in ("| `alpha` | 0.25 |", "| `refresh_every` | 3 |", "| `beta` | 0.95 |",
                 "| `adjust_lr` | match_rms_adamw |", "| `lr` | 0.003 |", "| `optimizer_class` | Mousse |"):
         assert row in text, row
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper, if any
+    size = opt.stats()
+    assert f"| `optimizer_state` | {size['state_bytes'] / 2**20:,.1f} MiB (matrices " in text  # what it costs
     trainer.push_to_hub()  # a second push rewrites the section rather than appending another
     assert _card(tmp_path).text.count(SECTION_TITLE) == 1
 

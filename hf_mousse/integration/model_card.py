@@ -43,7 +43,8 @@ OPTIMIZER_TITLES = {"mousse": "Mousse", "muon": "Muon", "mimuon": "MiMuon", "ada
 OPTIMIZER_TAGS = {"mousse": ["mousse"], "muon": ["muon"], "mimuon": ["mimuon", "muon"]}
 
 # What each hyperparameter means: hf_mousse's optimizers read hf_mousse.optim.HELP; these are the card's own.
-CLASS_MEANING = {"optimizer_class": "optimizer class"}
+CLASS_MEANING = {"optimizer_class": "optimizer class",
+                 "optimizer_state": "optimizer state one process keeps (fp32; stats()['state_bytes'])"}
 BASELINE_MEANINGS = {"lr": "learning rate (peak)", "betas": "Adam betas", "eps": "Adam epsilon",
                      "weight_decay": "decoupled weight decay", "momentum": "momentum coefficient"}
 
@@ -135,8 +136,13 @@ def optimizer_hyperparameters(opt) -> dict:
     embeddings), so the card shows what ran, defaults included; ``lr`` is the peak (``initial_lr``, which
     the scheduler records) when there is one, else the group's current value."""
     group = next((g for g in opt.param_groups if g.get("role") == "matrix"), opt.param_groups[0])
-    return {"optimizer_class": type(opt).__name__, "lr": group.get("initial_lr", group["lr"]),
-            **{k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING}}
+    out = {"optimizer_class": type(opt).__name__, "lr": group.get("initial_lr", group["lr"]),
+           **{k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING}}
+    if hasattr(opt, "state_bytes"):  # ours: what the state costs, where users choose settings
+        size = opt.state_bytes()
+        out["optimizer_state"] = (f"{(size['matrix'] + size['scalar']) / 2**20:,.1f} MiB (matrices "
+                                  f"{size['matrix'] / 2**20:,.1f}, the rest {size['scalar'] / 2**20:,.1f})")
+    return out
 
 
 def hyperparameter_table(optimizer: str, hyperparameters: dict) -> str:
