@@ -370,7 +370,7 @@ def main():
         runs = [seed0] if seed0 is not None else []
         cached = reuse.get((name, optim_args, lr), {})
         for seed in range(args.seeds):
-            if seed0 is not None and seed == 0:
+            if (seed0 is not None and seed == 0) or seed in args.skip_seeds:
                 continue
             if seed in cached:
                 runs.append(cached[seed])
@@ -487,6 +487,9 @@ def parse_args():
     ap.add_argument("--lrs", default=None, help="LABEL=LR,... skips the sweep for those runs")
     ap.add_argument("--sweep", default=None, help="LABEL=lr1/lr2/lr3,... overrides a sweep grid")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--skip-seeds", type=lambda t: {int(x) for x in t.split(",") if x}, default=set(),
+                    metavar="N,...", help="seeds to leave out (to split one table's runs over processes; "
+                                          "join them with --reuse)")
     ap.add_argument("--reuse", metavar="JSON[,JSON...]", default=None,
                     help="take runs (same optimizer, optim_args, lr, seed, settings) from earlier results "
                          "(comma-separated files; a run in several: the last file's)")
