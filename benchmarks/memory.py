@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from environment import git_commit  # noqa: E402
+from environment import git_commit, write_json  # noqa: E402
 from overhead import PRESETS  # noqa: E402
 
 import hf_mousse  # noqa: E402
@@ -103,10 +102,7 @@ def main():
         return
     data = dict(benchmark="memory", commit=git_commit(), ranks=args.ranks,
                 torch=torch.__version__, rows=measure(args.ranks))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(data, indent=1))
-    os.replace(tmp, args.out)
+    write_json(Path(args.out), data, indent=1)
     print(render_markdown(data), end="")
     print(f"wrote {args.out}")
 
