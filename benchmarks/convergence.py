@@ -53,6 +53,14 @@ SIZES = {
     # the CPU size at twice the width (4x the matrix parameters): the trend with model size on a CPU
     "cpu-wide": dict(model=dict(n_embd=256, n_layer=4, n_head=4), seq_len=128, batch=16, steps=400,
                      eval_every=25, eval_blocks=128, vocab=4096, warmup=20),
+    # three times the CPU width, the widest of the CPU width trend (same depth, data and tokens)
+    "cpu-wider": dict(model=dict(n_embd=384, n_layer=4, n_head=4), seq_len=128, batch=16, steps=400,
+                      eval_every=25, eval_blocks=128, vocab=4096, warmup=20),
+    # the one-GPU pilot (~4 min on one H200 for 2 optimizers x 2 lrs): 13M tokens of the installed
+    # packages' Python sources, each seen once; BPE trained on the first 20M characters of training text
+    "gpu-pilot": dict(model=dict(n_embd=512, n_layer=8, n_head=8), seq_len=1024, batch=32, steps=400,
+                      eval_every=25, eval_blocks=64, vocab=8192, warmup=40, data="site-packages",
+                      tokenizer_chars=20_000_000),
     "50m": dict(model=dict(n_embd=512, n_layer=8, n_head=8), seq_len=1024, batch=64, steps=3000,
                 eval_every=100, eval_blocks=256, vocab=None, warmup=150),
     "124m": dict(model=dict(n_embd=768, n_layer=12, n_head=12), seq_len=1024, batch=256, steps=4000,
@@ -60,6 +68,9 @@ SIZES = {
     "test": dict(model=dict(n_embd=32, n_layer=1, n_head=2), seq_len=32, batch=4, steps=6,  # the tests'
                  eval_every=2, eval_blocks=8, vocab=300, warmup=1),
 }
+# --smoke: any size shrunk to seconds on a CPU (its data source and protocol kept), for CI
+SMOKE = dict(model=dict(n_embd=32, n_layer=1, n_head=2), seq_len=32, batch=2, steps=4, eval_every=2,
+             eval_blocks=4, vocab=300, warmup=1, tokenizer_chars=200_000)
 SWEEP = {"mousse": (3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2), "mimuon": (3e-3, 1e-2, 3e-2),
          "adamw_torch": (1e-3, 3e-3, 1e-2)}
 DEFAULT_SWEEP = (1e-3, 3e-3, 1e-2)
@@ -86,9 +97,10 @@ BETAS = (0.9, 0.95)
 def load_documents(spec: str, chars: int) -> tuple[list[str], str]:
     """(documents, description) of at least ``chars`` characters, or all there are.
 
-    ``stdlib`` (the interpreter's standard library source), ``pydoc`` (CPython's help topics), a glob of
-    local files (one document per file), or ``hub:NAME[:CONFIG]`` (a Hub dataset's ``text`` column,
-    streamed)."""
+    ``stdlib`` (the interpreter's standard library source), ``site-packages`` (the installed packages'
+    Python source), ``pydoc`` (CPython's help topics), a glob of local files (one document per file), or
+    ``hub:NAME[:CONFIG]`` (a Hub dataset's ``text`` column, streamed). Files are read in a fixed shuffled
+    order, so the held-out first documents are a sample of the whole."""
     from hf_mousse import data
 
     if spec == "pydoc":
@@ -105,7 +117,12 @@ def load_documents(spec: str, chars: int) -> tuple[list[str], str]:
             if total >= chars:
                 break
         return docs, f"Hub dataset {spec[4:]} (streamed, first {len(docs)} rows)"
-    files = data.stdlib_files() if spec == "stdlib" else sorted(glob.glob(spec, recursive=True))
+    if spec == "stdlib":
+        files = data.stdlib_files()
+    elif spec == "site-packages":
+        files = site_packages_files()
+    else:
+        files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise SystemExit(f"--data {spec!r} matches no file")
     random.Random(0).shuffle(files)  # a fixed mix of files, the same for every optimizer and seed
@@ -116,8 +133,17 @@ def load_documents(spec: str, chars: int) -> tuple[list[str], str]:
         total += sum(map(len, new))
         if total >= chars:
             break
-    what = "Python standard library source" if spec == "stdlib" else f"files {spec}"
-    return docs, f"{what} ({len(docs)} of {len(files)} files)"
+    what = {"stdlib": "Python standard library source", "site-packages": "installed packages' Python source"}
+    return docs, f"{what.get(spec, f'files {spec}')} ({len(docs)} of {len(files)} files)"
+
+
+def site_packages_files() -> list[str]:
+    """The ``.py`` files under this interpreter's site-packages (sorted by path): a code corpus of a few
+    hundred MB wherever torch and transformers are installed, with no network."""
+    import site
+
+    roots = sorted({Path(p) for p in site.getsitepackages() if Path(p).is_dir()})
+    return sorted(str(f) for root in roots for f in root.rglob("*.py"))
 
 
 def token_blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -139,6 +165,11 @@ def prepare_data(args, size: dict):
         tokenizer = data.load_tokenizer({"name_or_path": args.tokenizer})
     else:
         sample = docs[: max(1, len(docs) // 2)]
+        if size.get("tokenizer_chars"):  # large sizes: a prefix is enough to learn the merges
+            total, n = 0, 0
+            while n < len(sample) and total < size["tokenizer_chars"]:
+                total, n = total + len(sample[n]), n + 1
+            sample = sample[: max(1, n)]
         tokenizer = data.load_tokenizer({"train_bpe": {"vocab_size": size["vocab"] or 8192}}, lambda: sample)
     blocks = token_blocks(docs, tokenizer, size["seq_len"])
     eval_blocks, train_blocks = blocks[: size["eval_blocks"]], blocks[size["eval_blocks"] :]
@@ -292,7 +323,7 @@ def summarize(label: str, runs: list[dict], targets: dict[int, float], baseline_
 
 def run_config(args, size: dict, data) -> dict:
     """Everything a run's result depends on besides optimizer, lr and seed (JSON-ready)."""
-    config = dict(size=args.size, model=size["model"], seq_len=size["seq_len"], batch=size["batch"],
+    config = dict(size=args.size + ("-smoke" if args.smoke else ""), model=size["model"], seq_len=size["seq_len"], batch=size["batch"],
                   tokens_per_step=size["batch"] * size["seq_len"], steps=args.steps,
                   eval_every=size["eval_every"], eval_tokens=len(data[1]) * size["seq_len"],
                   warmup=size["warmup"], schedule="cosine (Trainer)", weight_decay=WEIGHT_DECAY,
@@ -312,6 +343,12 @@ def reusable_runs(path: str, config: dict) -> dict:
         for seed, curve, final, secs in runs:
             out.setdefault((r["name"], r["optim_args"], r["lr"]), {})[seed] = dict(
                 lr=r["lr"], seed=seed, curve=curve, final_eval_loss=final, train_seconds=secs)
+    for label, runs in old.get("sweeps", {}).items():  # the sweep's other rates, all seed 0
+        r = old["optimizers"][label]
+        for run in runs:
+            out.setdefault((r["name"], r["optim_args"], run["lr"]), {}).setdefault(0, dict(
+                lr=run["lr"], seed=0, curve=run["curve"], final_eval_loss=run["final_eval_loss"],
+                train_seconds=run.get("train_seconds")))
     return out
 
 
@@ -323,6 +360,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     size = dict(SIZES[args.size])
+    if args.smoke:
+        size.update(SMOKE)
+    args.data = args.data or size.get("data", "stdlib")
     args.steps = args.steps or size["steps"]
     if args.eval_every:
         size["eval_every"] = args.eval_every
@@ -338,6 +378,20 @@ def main():
     print(f"data: {data[3]}; {len(data[0])} train blocks, {len(data[1])} eval blocks of {size['seq_len']} "
           f"tokens; {args.steps} steps x {size['batch'] * size['seq_len']} tokens", flush=True)
 
+    config = run_config(args, size, data)
+    reuse: dict = {}
+    for path in (args.reuse or "").split(","):
+        if path:
+            for key, seeds in reusable_runs(path, config).items():
+                reuse.setdefault(key, {}).update(seeds)
+
+    def run(name, optim_args, lr, seed):
+        cached = reuse.get((name, optim_args, lr), {}).get(seed)
+        if cached is not None:
+            print(f"{name} ({optim_args or 'defaults'}) lr {lr:g} seed {seed}: reused from {args.reuse}")
+            return cached
+        return train_run(args, size, data, name, optim_args, lr, seed)
+
     sweeps, chosen = {}, {}
     for label, (name, optim_args) in specs.items():
         lr = given.get(label, given.get(name))
@@ -348,9 +402,9 @@ def main():
             or SWEEP.get(name, DEFAULT_SWEEP)
         runs = []
         for lr in grid:
-            runs.append(train_run(args, size, data, name, optim_args, lr, seed=0))
+            runs.append(run(name, optim_args, lr, seed=0))
             print(f"sweep {label:<14} lr {lr:<8g} final eval loss {runs[-1]['final_eval_loss']:.4f} "
-                  f"({runs[-1]['train_seconds']:.0f} s)", flush=True)
+                  f"({_fmt(runs[-1]['train_seconds'], '.0f')} s)", flush=True)
         best = min(runs, key=lambda r: r["final_eval_loss"] if math.isfinite(r["final_eval_loss"]) else 1e9)
         edge = best["lr"] in (min(grid), max(grid))
         sweeps[label] = runs
@@ -358,27 +412,16 @@ def main():
         if edge:
             print(f"  note: {label}'s best lr {best['lr']:g} is at the edge of its sweep {grid}")
 
-    config = run_config(args, size, data)
-    reuse: dict = {}
-    for path in (args.reuse or "").split(","):
-        if path:
-            for key, seeds in reusable_runs(path, config).items():
-                reuse.setdefault(key, {}).update(seeds)
     runs_by_label = {}
     for label, (name, optim_args) in specs.items():
         lr, _, seed0 = chosen[label]
         runs = [seed0] if seed0 is not None else []
-        cached = reuse.get((name, optim_args, lr), {})
         for seed in range(args.seeds):
             if (seed0 is not None and seed == 0) or seed in args.skip_seeds:
                 continue
-            if seed in cached:
-                runs.append(cached[seed])
-                print(f"{label:<14} lr {lr:<8g} seed {seed}: reused from {args.reuse}")
-                continue
-            runs.append(train_run(args, size, data, name, optim_args, lr, seed))
+            runs.append(run(name, optim_args, lr, seed))
             print(f"{label:<14} lr {lr:<8g} seed {seed} final eval loss {runs[-1]['final_eval_loss']:.4f} "
-                  f"({runs[-1]['train_seconds']:.0f} s)", flush=True)
+                  f"({_fmt(runs[-1]['train_seconds'], '.0f')} s)", flush=True)
         runs_by_label[label] = sorted(runs, key=lambda r: r["seed"])
 
     targets = {r["seed"]: r["final_eval_loss"] for r in runs_by_label[BASELINE]}
@@ -397,7 +440,8 @@ def main():
                       hf_mousse=hf_mousse.__version__, python=sys.version.split()[0]),
         config=config,
         target=f"per seed, {BASELINE}'s final eval loss with that seed",
-        sweeps={k: [dict(lr=r["lr"], final_eval_loss=r["final_eval_loss"], curve=r["curve"]) for r in v]
+        sweeps={k: [dict(lr=r["lr"], final_eval_loss=r["final_eval_loss"], curve=r["curve"],
+                         train_seconds=r["train_seconds"]) for r in v]
                 for k, v in sweeps.items()},
         optimizers=results,
     )
@@ -473,8 +517,9 @@ def render_markdown(report: dict) -> str:
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="stdlib",
-                    help="stdlib | pydoc | a glob of local text/code files | hub:NAME[:CONFIG]")
+    ap.add_argument("--data", default=None,
+                    help="stdlib | site-packages | pydoc | a glob of local text/code files | hub:NAME[:CONFIG] "
+                         "(default: the size's, else stdlib)")
     ap.add_argument("--tokenizer", default=None,
                     help="a tokenizer name or directory (default: byte-level BPE trained on the data)")
     ap.add_argument("--optimizers", default="mousse,muon,adamw",
@@ -494,6 +539,8 @@ def parse_args():
                     help="take runs (same optimizer, optim_args, lr, seed, settings) from earlier results "
                          "(comma-separated files; a run in several: the last file's)")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the size's data and protocol with a tiny model and 4 steps (a CI check, not a result)")
     ap.add_argument("--steps", type=int, default=None, help="default: the size's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")
     ap.add_argument("--micro-batch", type=int, default=None, help="gradient accumulation micro-batch size")
