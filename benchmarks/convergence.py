@@ -323,7 +323,8 @@ def summarize(label: str, runs: list[dict], targets: dict[int, float], baseline_
 
 def run_config(args, size: dict, data) -> dict:
     """Everything a run's result depends on besides optimizer, lr and seed (JSON-ready)."""
-    config = dict(size=args.size + ("-smoke" if args.smoke else ""), model=size["model"], seq_len=size["seq_len"], batch=size["batch"],
+    config = dict(size=args.size + ("-smoke" if args.smoke else ""), model=size["model"],
+                  seq_len=size["seq_len"], batch=size["batch"],
                   tokens_per_step=size["batch"] * size["seq_len"], steps=args.steps,
                   eval_every=size["eval_every"], eval_tokens=len(data[1]) * size["seq_len"],
                   warmup=size["warmup"], schedule="cosine (Trainer)", weight_decay=WEIGHT_DECAY,
@@ -518,7 +519,7 @@ def render_markdown(report: dict) -> str:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None,
-                    help="stdlib | site-packages | pydoc | a glob of local text/code files | hub:NAME[:CONFIG] "
+                    help="stdlib | site-packages | pydoc | a glob of local text/code files | hub:NAME[:CONF] "
                          "(default: the size's, else stdlib)")
     ap.add_argument("--tokenizer", default=None,
                     help="a tokenizer name or directory (default: byte-level BPE trained on the data)")
@@ -540,7 +541,7 @@ def parse_args():
                          "(comma-separated files; a run in several: the last file's)")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--smoke", action="store_true",
-                    help="the size's data and protocol with a tiny model and 4 steps (a CI check, not a result)")
+                    help="the size's data and protocol, a tiny model, 4 steps (a CI check, not a result)")
     ap.add_argument("--steps", type=int, default=None, help="default: the size's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the size's")
     ap.add_argument("--micro-batch", type=int, default=None, help="gradient accumulation micro-batch size")

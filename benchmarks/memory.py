@@ -44,6 +44,10 @@ ROWS = {  # label -> (optimizer class name, options)
     "Mousse, sides=small": ("Mousse", {"sides": "small"}),
     "Mousse, basis_dtype=bfloat16": ("Mousse", {"basis_dtype": "bfloat16"}),
     "Mousse, sides=small, basis_dtype=bfloat16": ("Mousse", {"sides": "small", "basis_dtype": "bfloat16"}),
+    "Mousse, max_factor_dim=1024": ("Mousse", {"max_factor_dim": 1024}),
+    "Mousse, max_factor_dim=512": ("Mousse", {"max_factor_dim": 512}),
+    "Mousse, max_factor_dim=512, basis_dtype=bfloat16": ("Mousse", {"max_factor_dim": 512,
+                                                                    "basis_dtype": "bfloat16"}),
     "Mousse, refresh_delay=1": ("Mousse", {"refresh_delay": 1}),
     "Mousse, sides=small, refresh_delay=1": ("Mousse", {"sides": "small", "refresh_delay": 1}),
 }

@@ -68,13 +68,21 @@ def _refresh(f, t, beta, eps, bias_correction):
     return lam, q
 
 
+def _block_diagonal(f, blocks):
+    b = f.size(0) // blocks
+    mask = torch.block_diag(*[torch.ones(b, b, dtype=f.dtype)] * blocks)
+    return f * mask
+
+
 def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.01, alpha=0.125, beta=0.95,
            refresh_every=10, eps=1e-5, bias_correction=True, grafting=True, sides="both",
-           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm", refresh_phase=0, refresh_delay=0):
+           coefficients=DION, ns_eps=1e-8, adjust_lr="spectral_norm", refresh_phase=0, refresh_delay=0,
+           blocks=(1, 1)):
     """§b.4 pseudocode, float64, bf16 casts omitted. Returns the weight after each step.
     ``refresh_phase`` p != 0 (hf_mousse's staggered schedule) refreshes at t = 1 and t = 1 + p + jT.
     ``refresh_delay`` d: a refresh computed at step t > 1 (from the factors as of step t) is used from
-    step t + d on; the one at t = 1 at once."""
+    step t + d on; the one at t = 1 at once. ``blocks`` (left, right): each factor keeps only that many
+    equal diagonal blocks (``max_factor_dim``): the full factor with its off-diagonal blocks zeroed."""
     w = w0.double().clone()
     m, n = w.shape
     M = torch.zeros_like(w)
@@ -88,9 +96,9 @@ def mousse(w0, grads, *, lr=0.01, momentum=0.95, nesterov=False, weight_decay=0.
         M = momentum * M + g
         u = g + momentum * M if nesterov else M
         if use_left:
-            L = beta * L + (1 - beta) * g @ g.T
+            L = beta * L + (1 - beta) * _block_diagonal(g @ g.T, blocks[0])
         if use_right:
-            R = beta * R + (1 - beta) * g.T @ g
+            R = beta * R + (1 - beta) * _block_diagonal(g.T @ g, blocks[1])
         if t == 1 or (t - 1 - refresh_phase) % refresh_every == 0:
             left = _refresh(L, t, beta, eps, bias_correction) if use_left else (None, None)
             right = _refresh(R, t, beta, eps, bias_correction) if use_right else (None, None)

@@ -199,3 +199,37 @@ def test_mousse_small_side_whitens_the_smaller_factor(shape):
     assert state[state_keys.kron(side)].shape[-1] == min(m, n)
     if m != n:
         assert rel_err(got[-1], ref.mousse(w0, grads, sides=other, **kw)[-1], w0) > 1e-3
+
+
+@pytest.mark.parametrize("shape, max_dim, blocks", [
+    ((12, 12), 4, (3, 3)),  # both sides cut
+    ((8, 20), 8, (1, 4)),  # the long side only: 20 -> 4 blocks of 5 (the fewest equal blocks <= 8)
+    ((20, 8), 10, (2, 1)),
+    ((8, 20), 0, (1, 1)),  # 0: whole factors
+])
+@pytest.mark.parametrize("refresh", ["eigh", "newton"])
+@pytest.mark.parametrize("refresh_delay", [0, 1])
+def test_mousse_max_factor_dim_keeps_block_diagonal_factors(shape, max_dim, blocks, refresh, refresh_delay):
+    """max_factor_dim=B cuts a side longer than B into equal diagonal blocks, each with its own factor and
+    basis: the float64 reference with each factor's off-diagonal blocks zeroed (normalised as one factor),
+    for two matrices stacked in one bucket; its state holds blocks x (d/blocks)^2 per side, not d^2; and
+    cutting really changes the run (it differs from the whole-factor reference)."""
+    m, n = shape
+    kw = dict(lr=0.02, weight_decay=0.01, refresh_every=4, eps=1e-3, refresh_delay=refresh_delay)
+    w0s = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+           for s in (1, 2)]
+    gradss = [grads_for(shape, seed=s) for s in (1, 2)]
+    ps = [torch.nn.Parameter(w.float().clone()) for w in w0s]
+    opt = Mousse(ps, max_factor_dim=max_dim, refresh=refresh, **kw)
+    for t in range(STEPS):
+        for p, grads in zip(ps, gradss):
+            p.grad = grads[t].float()
+        opt.step()
+    for p, w0, grads in zip(ps, w0s, gradss):
+        expected = ref.mousse(w0, grads, blocks=blocks, **kw)[-1]
+        assert rel_err(p.detach().double(), expected, w0) < 1e-4
+        if blocks != (1, 1):
+            assert rel_err(expected, ref.mousse(w0, grads, **kw)[-1], w0) > 1e-2
+    state = opt.state[ps[0]]
+    for side, d, nb in (("left", m, blocks[0]), ("right", n, blocks[1])):
+        assert state[state_keys.kron(side)].shape == (nb, d // nb, d // nb)

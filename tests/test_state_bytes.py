@@ -4,6 +4,8 @@ state's size; and a model built on the meta device is sized without allocating a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import tiny_gpt2
@@ -15,6 +17,7 @@ CASES = [
     (MiMuon, {}),
     (Mousse, {}),
     (Mousse, {"sides": "small"}),
+    (Mousse, {"max_factor_dim": 16}),  # tiny GPT-2: 32 -> 2 blocks, c_attn's fused 96 -> 3 x 32 -> 2 blocks
     (Mousse, {"sides": "left", "refresh_delay": 1}),
     (Mousse, {"refresh": "newton", "refresh_schedule": "staggered"}),
     (Mousse, {"scalar_optimizer": "lion"}),
@@ -79,6 +82,7 @@ def test_memory_benchmark_sizes_each_row_and_rank(monkeypatch):
 @pytest.mark.parametrize("saved, resumed", [
     ({"sides": "small"}, {"sides": "both"}),
     ({"basis_dtype": "bfloat16"}, {"basis_dtype": "float32"}),
+    ({"max_factor_dim": 16}, {"max_factor_dim": 0}),
     ({"basis_dtype": "bfloat16", "sides": "small"}, None),
 ])
 def test_memory_options_resume_exactly_and_refuse_another_storage(saved, resumed, tmp_path):
@@ -100,6 +104,9 @@ def test_memory_options_resume_exactly_and_refuse_another_storage(saved, resumed
     run(model, opt, 4, seed=1)
     path = str(tmp_path / "optimizer.safetensors")
     save_optimizer(opt, path, model)
+    with open(path, "rb") as f:  # the checkpoint's tensor data is the state, byte for byte
+        header = int.from_bytes(f.read(8), "little")
+    assert os.path.getsize(path) - 8 - header == opt.stats()["state_bytes"]
     copy = tiny_gpt2().eval()
     copy.load_state_dict(model.state_dict())
     run(model, opt, 4, seed=2)

@@ -573,8 +573,9 @@ class SpectralOptimizer(SplitStep, CheckpointState, torch.optim.Optimizer):
         cached = self._stacks[key].get(members)
         if cached is not None and all(s[key] is v for s, v in zip(bucket.states, cached[1])):
             return cached[0]
-        stack = torch.cat([s[key] for s in bucket.states])
-        views = [stack[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)]
+        entries = [s[key] for s in bucket.states]
+        stack = torch.cat(entries)
+        views = list(stack.split([e.size(0) for e in entries]))  # a block's entries may hold several rows
         for s, v in zip(bucket.states, views):
             s[key] = v
         stale = [other for other in self._stacks[key] if other & members]  # their views were replaced

@@ -67,6 +67,10 @@ HELP: dict[str, str] = {
     "grafting": "rescale the update to the Frobenius norm of the Newton–Schulz output",
     "sides": "preconditioned sides: both, left (output dimension), right (input dimension) or small (the "
              "smaller of the two per matrix, left when m <= n: the cheap factor to store and refresh)",
+    "max_factor_dim": "largest factor kept per side (0: no limit): a longer side is cut into the fewest "
+                      "equal diagonal blocks of at most this size, each with its own factor and eigenbasis "
+                      "(a block-diagonal factor, as Shampoo's max_preconditioner_dim; normalised as one "
+                      "factor)",
     # MiMuon
     "gap_rule": "singular-value gap statistic kappa: scaled ((k - 1) min adjacent gap / largest singular "
                 "value, over the k resolvable values: the tightest gap in units of the mean spacing) or "

@@ -38,6 +38,29 @@ def gram(g: torch.Tensor, side: str, dtype: torch.dtype = torch.float32) -> torc
     return matmul(g, g.mT, dtype) if side == "left" else matmul(g.mT, g, dtype)
 
 
+def split_side(x: torch.Tensor, side: str, blocks: int) -> torch.Tensor:
+    """A stack (B, m, n) cut along ``side``'s dimension into ``blocks`` equal parts, as (B * blocks, ., .):
+    left: row blocks (m / blocks, n) (a view); right: column blocks (m, n / blocks). A side's
+    block-diagonal factor (``max_factor_dim``) is then the stack of each part's own factor."""
+    if blocks == 1:
+        return x
+    b, m, n = x.shape
+    if side == "left":
+        return x.reshape(b * blocks, m // blocks, n)
+    return x.reshape(b, m, blocks, n // blocks).transpose(1, 2).reshape(b * blocks, m, n // blocks)
+
+
+def join_side(x: torch.Tensor, side: str, blocks: int) -> torch.Tensor:
+    """The inverse of :func:`split_side`: (B * blocks, ., .) parts back into the (B, m, n) stack."""
+    if blocks == 1:
+        return x
+    bb, r, c = x.shape
+    b = bb // blocks
+    if side == "left":
+        return x.reshape(b, blocks * r, c)
+    return x.reshape(b, blocks, r, c).transpose(1, 2).reshape(b, r, blocks * c)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ b for stacks (B, ., .), fp32 out, with the inputs in ``dtype``. bfloat16: tensor-core
     products (inputs rounded to bf16, accumulated and returned in fp32, never rounded to bf16: a
@@ -68,9 +91,14 @@ def _eigh(f: torch.Tensor, stats: EighStats) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _damped(
-    factor: torch.Tensor, *, bias_correction: float, eps: float, stats: EighStats, apply: torch.Tensor | None
+    factor: torch.Tensor, *, bias_correction: float, eps: float, stats: EighStats, apply: torch.Tensor | None,
+    blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F / (1 - beta^t) scaled to mean eigenvalue 1, + eps I; a bool per factor "refresh it").
+
+    With ``blocks`` > 1 each run of that many consecutive entries is one block-diagonal factor (a side
+    cut by ``max_factor_dim``): the mean eigenvalue, and so the scale and validity, are the whole
+    factor's, as for the full factor with its off-diagonal blocks dropped.
 
     A factor with zero (or non-finite) trace is not refreshed: an all-zero gradient must not produce
     NaN (the official code divides by the trace unguarded); invalid entries become eps I so the
@@ -79,8 +107,9 @@ def _damped(
     ``apply`` (a 0-d bool tensor), when false, refreshes nothing, without a host read.
     One temporary of the factor's size: the scale is one multiply, eps goes on the diagonal in place.
     """
-    d = factor.size(-1)
+    d = factor.size(-1) * blocks
     trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
+    trace = trace.view(-1, blocks).sum(-1).repeat_interleave(blocks)  # each block: its whole factor's
     finite = torch.isfinite(trace)
     valid = finite & (trace > torch.finfo(factor.dtype).tiny * d)
     if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
@@ -103,8 +132,10 @@ def refresh_eigenbasis(
     stats: EighStats,
     apply: torch.Tensor | None = None,
     run=None,
+    blocks: int = 1,
 ) -> None:
-    """Recompute (in place) the eigenbasis of each normalised factor in the stack.
+    """Recompute (in place) the eigenbasis of each normalised factor in the stack (``blocks``: see
+    :func:`_damped`).
 
     ``bias_correction`` is 1 - beta**t (1 to disable). Steps: F / (1 - beta^t), scale to mean
     eigenvalue 1, eigh(F + eps I) in fp32 (float64 retry), shift eigenvalues so the smallest is eps
@@ -115,7 +146,8 @@ def refresh_eigenbasis(
     ``eigvals``/``eigvecs`` are a function handed to ``run`` (default: called now), so that a
     :class:`BackgroundRefresh` can run them beside the next steps.
     """
-    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
+    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply,
+                       blocks=blocks)
     stats.refreshed += f.size(0)
 
     def finish() -> None:
@@ -216,6 +248,7 @@ def refresh_root(
     stats: EighStats,
     apply: torch.Tensor | None = None,
     run=None,
+    blocks: int = 1,
 ) -> None:
     """``refresh="newton"``: recompute (in place) root = (F_n + 2 eps I)^-alpha of each normalised
     factor F_n (as :func:`refresh_eigenbasis` normalises it) by :func:`inverse_root_newton`, with
@@ -223,9 +256,11 @@ def refresh_root(
     refresh, whose cleaned eigenvalues are those of F_n + eps I shifted by max(0, -min) + eps: +2 eps
     for a positive semi-definite F_n (the max(0, -min) part is rounding only). ``run`` as in
     :func:`refresh_eigenbasis`."""
-    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply)
+    f, valid = _damped(factor, bias_correction=bias_correction, eps=eps, stats=stats, apply=apply,
+                       blocks=blocks)
     f.diagonal(dim1=-2, dim2=-1).add_(eps)
-    p, iterations, _ = newton_plan(f.size(-1), alpha, eps)
+    # a block's eigenvalues are bounded by its whole factor's trace (d), not by its own size
+    p, iterations, _ = newton_plan(f.size(-1) * blocks, alpha, eps)
     stats.refreshed += f.size(0)
 
     def finish() -> None:
@@ -300,6 +335,7 @@ def precondition(
     orthogonalize,
     graft: bool,
     matmul_dtype: torch.dtype = torch.float32,
+    blocks: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """U = Q_L D_L^-a NS(D_L^-a Q_L^T M Q_R D_R^-a) D_R^-a Q_R^T, grafted to ||NS(...)||_F.
 
@@ -308,7 +344,8 @@ def precondition(
     (eigvals, eigvecs) stacks, inverse-root stacks (B, d, d) (refresh="newton"), or None for a side
     that is not preconditioned. ``orthogonalize`` maps an
     fp32 stack to its NS output (any dtype). The four rotations are products in ``matmul_dtype``
-    (:func:`matmul`). Returns fp32.
+    (:func:`matmul`). ``blocks`` (left, right): a side's stacks hold that many diagonal blocks per
+    matrix (:func:`split_side`), so Q and D are block-diagonal. Returns fp32.
 
     Rotating, whitening, orthogonalising and mapping back equals L^-a NS(L^-a M R^-a) R^-a for the
     damped factors L = Q_L D_L Q_L^T, R = Q_R D_R Q_R^T, because NS commutes with orthogonal
@@ -322,17 +359,25 @@ def precondition(
         return side[1].to(matmul_dtype), side[0].pow(-alpha)
 
     (q_l, d_l), (q_r, d_r) = rotation(left), rotation(right)
+    nb_l, nb_r = blocks
+
+    def rotate(x, q, side, nb):  # Q x (left) or x Q (right), block by block
+        parts = split_side(x, side, nb)
+        return join_side(matmul(q, parts, matmul_dtype) if side == "left" else matmul(parts, q, matmul_dtype),
+                         side, nb)
+
     x = direction.float()
+    b = x.size(0)
     # D^-alpha per side as row / column multipliers: (B, m, 1) and (B, 1, n), never an (m, n) tensor.
     whiten = []
     if q_l is not None:
-        x = matmul(q_l if d_l is None else q_l.mT, x, matmul_dtype)
+        x = rotate(x, q_l if d_l is None else q_l.mT, "left", nb_l)
     if d_l is not None:
-        whiten.append(d_l[:, :, None])
+        whiten.append(d_l.reshape(b, -1)[:, :, None])
     if q_r is not None:
-        x = matmul(x, q_r, matmul_dtype)
+        x = rotate(x, q_r, "right", nb_r)
     if d_r is not None:
-        whiten.append(d_r[:, None, :])
+        whiten.append(d_r.reshape(b, -1)[:, None, :])
     for w in whiten:  # in place: x is a fresh product whenever a side has an eigenbasis
         x.mul_(w)
     o = orthogonalize(x).float()
@@ -342,9 +387,9 @@ def precondition(
     for w in whiten:  # the same negative power again (author blog, official code)
         u = u * w if u is o else u.mul_(w)
     if q_l is not None:
-        u = matmul(q_l, u, matmul_dtype)
+        u = rotate(u, q_l, "left", nb_l)
     if q_r is not None:
-        u = matmul(u, q_r if d_r is None else q_r.mT, matmul_dtype)
+        u = rotate(u, q_r if d_r is None else q_r.mT, "right", nb_r)
     if graft:
         norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True)
         u = u * (target / norm.clamp_min(torch.finfo(u.dtype).tiny))

@@ -14,7 +14,15 @@ from .base import SpectralOptimizer, is_due, lr_ratio
 from .bucket import Bucket
 from .checks import MIN_FLOOR, _check, _is_int, _is_real
 from .hyperparameters import args_doc
-from .kronecker import BackgroundRefresh, gram, newton_plan, precondition, refresh_eigenbasis, refresh_root
+from .kronecker import (
+    BackgroundRefresh,
+    gram,
+    newton_plan,
+    precondition,
+    refresh_eigenbasis,
+    refresh_root,
+    split_side,
+)
 from .roles import matrix_dims
 
 SIDES = ("both", "left", "right", "small")
@@ -32,6 +40,18 @@ def whitened_sides(sides: str, m: int, n: int) -> tuple[str, ...]:
         return ("left",) if m <= n else ("right",)
     return _SIDES[sides]
 
+
+def side_blocks(d: int, max_factor_dim: int) -> int:
+    """Into how many equal diagonal blocks a side of size d is cut so that each is at most
+    ``max_factor_dim`` (0: no limit): the fewest that divide d (equal blocks keep one batched stack)."""
+    if not max_factor_dim or d <= max_factor_dim:
+        return 1
+    blocks = -(-d // max_factor_dim)
+    while d % blocks:
+        blocks += 1
+    return blocks
+
+
 _DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_AMPLIFICATION = 1e12  # largest eps^(-2 alpha) accepted (see _validate_algorithm)
 
@@ -41,10 +61,10 @@ class Mousse(SpectralOptimizer):
     # factors per side; staggered refresh phases; eigenbases or inverse roots
     # (+ refresh_delay: whether the state holds the pending refresh results)
     state_keys_of_group = (*SpectralOptimizer.state_keys_of_group, "sides", "refresh_schedule", "refresh",
-                           "refresh_delay", "basis_dtype")
-    # checkpoints from before these options all used eigh, no delay, fp32 matmuls
+                           "refresh_delay", "basis_dtype", "max_factor_dim")
+    # checkpoints from before these options all used eigh, no delay, fp32 matmuls, whole factors
     keys_added_later = {"refresh": "eigh", "refresh_delay": 0, "matmul_dtype": "float32",
-                        "basis_dtype": "float32"}
+                        "basis_dtype": "float32", "max_factor_dim": 0}
 
     def __init__(
         self,
@@ -66,6 +86,7 @@ class Mousse(SpectralOptimizer):
         bias_correction: bool = True,
         grafting: bool = True,
         sides: str = "both",
+        max_factor_dim: int = 0,
         ns="dion",
         ns_steps: int | None = 5,
         ns_eps: float = 1e-8,
@@ -75,10 +96,9 @@ class Mousse(SpectralOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, alpha=alpha,
                         beta=beta, refresh_every=refresh_every, refresh_schedule=refresh_schedule,
                         refresh=refresh, refresh_delay=refresh_delay, matmul_dtype=matmul_dtype,
-                        basis_dtype=basis_dtype, eps=eps,
-                        bias_correction=bias_correction,
-                        grafting=grafting, sides=sides, ns=ns, ns_steps=ns_steps, ns_eps=ns_eps,
-                        adjust_lr=adjust_lr)
+                        basis_dtype=basis_dtype, eps=eps, bias_correction=bias_correction,
+                        grafting=grafting, sides=sides, max_factor_dim=max_factor_dim, ns=ns, ns_steps=ns_steps,
+                        ns_eps=ns_eps, adjust_lr=adjust_lr)
         self._pending_phases: dict[torch.Tensor, int] = {}  # staggered phases dealt, not yet in state
         self._background = BackgroundRefresh()  # refreshes running beside the step (refresh_delay > 0)
         super().__init__(params, defaults, **shared)
@@ -125,20 +145,26 @@ class Mousse(SpectralOptimizer):
         _check(isinstance(g["bias_correction"], bool), "bias_correction", g["bias_correction"], "a bool")
         _check(isinstance(g["grafting"], bool), "grafting", g["grafting"], "a bool")
         _check(g["sides"] in SIDES, "sides", g["sides"], f"one of {SIDES}")
+        b = g["max_factor_dim"]
+        _check(_is_int(b) and b >= 0, "max_factor_dim", b,
+               "an int >= 0 (0: whole factors; else a longer side is cut into equal diagonal blocks of at "
+               "most that size)")
 
     def _init_matrix_state(self, state: dict, p: torch.Tensor, group: dict) -> None:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
         basis = _DTYPE[group["basis_dtype"]]  # eigenvectors or roots; factors and eigenvalues stay fp32
         for side in whitened_sides(group["sides"], m, n):
             d = m if side == "left" else n
-            state[keys.kron(side)] = torch.zeros((k, d, d), device=p.device)
-            eye = torch.eye(d, dtype=basis, device=p.device).expand(k, d, d).clone()
+            kb = k * side_blocks(d, group["max_factor_dim"])  # diagonal blocks of size d / blocks
+            d //= kb // k
+            state[keys.kron(side)] = torch.zeros((kb, d, d), device=p.device)
+            eye = torch.eye(d, dtype=basis, device=p.device).expand(kb, d, d).clone()
             if group["refresh"] == "newton":  # the identity until the refresh at step 1
                 state[keys.kron_root(side)] = eye
                 continue
             # The official code starts from eigenvalues 0; 1 only differs if the first refresh
             # sees a zero gradient, where 0 ** -alpha would be inf.
-            state[keys.kron_eigvals(side)] = torch.ones((k, d), device=p.device)
+            state[keys.kron_eigvals(side)] = torch.ones((kb, d), device=p.device)
             state[keys.kron_eigvecs(side)] = eye
         if group["refresh_delay"]:
             for side in whitened_sides(group["sides"], m, n):
@@ -166,6 +192,7 @@ class Mousse(SpectralOptimizer):
         update = precondition(
             bucket.x, eig.get("left"), eig.get("right"), group["alpha"],
             lambda y: self.orthogonalize(group, y), group["grafting"], _DTYPE[group["matmul_dtype"]],
+            (side_blocks(m, group["max_factor_dim"]), side_blocks(n, group["max_factor_dim"])),
         )
         return update.to(bucket.x.dtype), lr_ratio(group["adjust_lr"], m, n)
 
@@ -187,9 +214,10 @@ class Mousse(SpectralOptimizer):
         (there is no earlier basis to keep using)."""
         group = bucket.group
         factors = [s[keys.kron(side)] for s in bucket.states]
-        gg = gram(g, side, _DTYPE[group["matmul_dtype"]])
-        self._gate.lerp_(factors, [gg[o : o + k] for o, k in zip(bucket.offsets, bucket.counts)],
-                         1 - group["beta"])
+        blocks = side_blocks(g.size(1 if side == "left" else 2), group["max_factor_dim"])
+        gg = gram(split_side(g, side, blocks), side, _DTYPE[group["matmul_dtype"]])
+        news = [gg[o * blocks : (o + k) * blocks] for o, k in zip(bucket.offsets, bucket.counts)]
+        self._gate.lerp_(factors, news, 1 - group["beta"])
         delay, basis = group["refresh_delay"], self._basis_keys(group, side)
         for p, factor, st in zip(bucket.params, factors, bucket.states):
             task = (id(p), side)
@@ -200,7 +228,7 @@ class Mousse(SpectralOptimizer):
                 background = delay and st[keys.STEP] > 1
                 common = dict(
                     bias_correction=(1 - group["beta"] ** st[keys.STEP]) if group["bias_correction"] else 1.0,
-                    eps=group["eps"], stats=self.eigh_stats,
+                    eps=group["eps"], stats=self.eigh_stats, blocks=blocks,
                     # on a non-finite step the old basis is kept (no copy: the result is selected in place)
                     apply=self._gate.flags(factor.device)[0] if self._gate.active else None,
                     run=(lambda fn, task=task, dev=factor.device: self._background.submit(task, fn, dev))
@@ -269,24 +297,35 @@ class Mousse(SpectralOptimizer):
         return self._pending_phases.pop(p)
 
     @staticmethod
-    def _refresh_cost(p: torch.Tensor, group: dict) -> float:
+    def _factor_blocks(group: dict, m: int, n: int) -> list[tuple[int, int]]:
+        """(diagonal blocks, block size) of each whitened side's factor of an m x n matrix."""
+        out = []
+        for side in whitened_sides(group["sides"], m, n):
+            d = m if side == "left" else n
+            blocks = side_blocks(d, group["max_factor_dim"])
+            out.append((blocks, d // blocks))
+        return out
+
+    @classmethod
+    def _refresh_cost(cls, p: torch.Tensor, group: dict) -> float:
         k, m, n = matrix_dims(p.shape, group["layout"], group["split"])
-        return k * sum((m if side == "left" else n) ** 3 for side in whitened_sides(group["sides"], m, n))
+        return k * sum(blocks * d**3 for blocks, d in cls._factor_blocks(group, m, n))
 
     def _block_cost(self, group: dict, m: int, n: int) -> float:
         # + the factor EMAs and the rotations in and out of the eigenbases (~3 products per side), and
         # the refresh (an eigendecomposition, ~10 d^3, or the Newton iteration's products), amortised
         # over refresh_every steps.
-        sides = [m if side == "left" else n for side in whitened_sides(group["sides"], m, n)]
         t = group["refresh_every"]
-        per_step = sum(3.0 * d * m * n + self._refresh_flops(group, d) / t for d in sides)
+        per_step = sum(3.0 * d * m * n + blocks * self._refresh_flops(group, d, blocks) / t
+                       for blocks, d in self._factor_blocks(group, m, n))
         return super()._block_cost(group, m, n) + per_step
 
     @staticmethod
-    def _refresh_flops(group: dict, d: int) -> float:
+    def _refresh_flops(group: dict, d: int, blocks: int = 1) -> float:
+        """One d x d factor's refresh (one of ``blocks`` diagonal blocks)."""
         if group["refresh"] == "eigh":
             return 10.0 * d**3
-        return 2.0 * d**3 * newton_plan(d, group["alpha"], group["eps"])[2]
+        return 2.0 * d**3 * newton_plan(d * blocks, group["alpha"], group["eps"])[2]
 
     def _algorithm_diagnostics(self) -> dict[str, torch.Tensor]:
         """Largest condition number of the (damped) Kronecker factors at their last refresh, per side
