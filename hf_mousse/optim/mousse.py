@@ -97,8 +97,8 @@ class Mousse(SpectralOptimizer):
                         beta=beta, refresh_every=refresh_every, refresh_schedule=refresh_schedule,
                         refresh=refresh, refresh_delay=refresh_delay, matmul_dtype=matmul_dtype,
                         basis_dtype=basis_dtype, eps=eps, bias_correction=bias_correction,
-                        grafting=grafting, sides=sides, max_factor_dim=max_factor_dim, ns=ns, ns_steps=ns_steps,
-                        ns_eps=ns_eps, adjust_lr=adjust_lr)
+                        grafting=grafting, sides=sides, max_factor_dim=max_factor_dim, ns=ns,
+                        ns_steps=ns_steps, ns_eps=ns_eps, adjust_lr=adjust_lr)
         self._pending_phases: dict[torch.Tensor, int] = {}  # staggered phases dealt, not yet in state
         self._background = BackgroundRefresh()  # refreshes running beside the step (refresh_delay > 0)
         super().__init__(params, defaults, **shared)
