@@ -11,6 +11,7 @@ datasets at the top here costs the optimizer users nothing.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import datasets
@@ -387,6 +388,30 @@ def _stream_text_column(stream, spec: dict):
             stream = stream.map(lambda r: {"text": r[column]})
     stream = stream.select_columns(["text"])
     return stream.filter(lambda r: bool(r["text"] and r["text"].strip()))
+
+
+# Values the tokenizers library reads as "off" (any other set value is "on").
+_TOKENIZERS_OFF = ("", "off", "false", "f", "no", "n", "0")
+
+
+def fork_safe_tokenizers(num_workers: int) -> None:
+    """Before DataLoader workers are forked: turn the fast tokenizers' own thread pool off.
+
+    A streamed corpus is tokenized in the workers. If the tokenizer's Rust thread pool already ran in the
+    parent (the validation split, the tokenizer's training) and ``TOKENIZERS_PARALLELISM`` is on, a forked
+    worker that tokenizes waits forever on that pool's threads, which the fork did not copy: the run hangs
+    before its first step, silently. The library only protects itself when the variable is unset, so with
+    workers the variable is set to false (each worker tokenizes on its own core), saying so when the
+    user had turned it on."""
+    if num_workers <= 0:
+        return
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    if value is not None and value.strip().lower() not in _TOKENIZERS_OFF:
+        warnings.warn(f"TOKENIZERS_PARALLELISM={value!r} with dataloader_num_workers={num_workers}: a "
+                      "tokenizer used before the loader workers fork would deadlock in them, so it is set to "
+                      "'false' for this run (the workers tokenize in parallel instead). Set "
+                      "dataloader_num_workers=0 to keep the tokenizer's threads.", stacklevel=2)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _packing_eos(tokenizer, block_size: int) -> int:

@@ -366,6 +366,9 @@ class TrainTime:
 
 def run_trainer(trainer, tokenizer, *, resume=None) -> tuple[dict, float]:
     """Train, evaluate, save the model and tokenizer; returns (eval metrics, training seconds)."""
+    from . import data
+
+    data.fork_safe_tokenizers(trainer.args.dataloader_num_workers)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ recipe["data"].update(dataset=sys.argv[3], shuffle_buffer=1000, max_validation_r
 recipe["data"].pop("config")
 recipe["training"].update(max_steps=3, per_device_train_batch_size=2, per_device_eval_batch_size=2,
                           gradient_accumulation_steps=1, bf16=False, use_cpu=True, eval_steps=3, save_steps=3,
-                          logging_steps=1, dataloader_num_workers=0, report_to="none", disable_tqdm=True)
+                          logging_steps=1, dataloader_num_workers=int(sys.argv[4]), report_to="none",
+                          disable_tqdm=True)
 seen = {}
 build = train.build_trainer
 def spy(*args, **kwargs):
@@ -59,14 +61,23 @@ def tokenizer_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(tmp_path: Path, tokenizer: str, dataset: str, name: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / name), tokenizer, dataset],
-                            capture_output=True, text=True, timeout=300,
+def _run(tmp_path: Path, tokenizer: str, dataset: str, name: str, workers: int = 0, timeout: float = 300,
+         **env) -> dict:
+    argv = [sys.executable, "-c", RUN, str(tmp_path / name), tokenizer, dataset, str(workers)]
+    # its own process group: on a timeout the loader workers it forked are killed with it
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1",
-                                 "HF_DATASETS_CACHE": str(tmp_path / f"cache-{name}")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+                                 "HF_DATASETS_CACHE": str(tmp_path / f"cache-{name}"), **env})
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    return {**json.loads(line[len("RESULT "):]), "stderr": stderr}
 
 
 def test_pretraining_recipe_streams_in_bounded_memory(tmp_path, tokenizer_dir):
@@ -78,3 +89,18 @@ def test_pretraining_recipe_streams_in_bounded_memory(tmp_path, tokenizer_dir):
         assert run["train_dataset"] == "IterableDataset" and run["steps"] == 3
     # 140 MB more corpus; held in memory in any form (text, Arrow, token ids) it would add >= 140 MB.
     assert large["peak_rss_mb"] - small["peak_rss_mb"] < 40, (small, large)
+
+
+def test_streaming_recipe_with_workers_never_hangs_on_a_forked_tokenizer(tmp_path, tokenizer_dir):
+    """TOKENIZERS_PARALLELISM=true (users set it to silence the tokenizers warning) with loader workers:
+    the tokenizer ran in the parent (validation split), the workers are forked and tokenize the stream.
+    Before the fix this never reached its first step (0 steps in 120 s; 10 s without the variable);
+    now the run finishes and says why it turned the variable off."""
+    dataset = _shard(tmp_path / "data", 1)
+    try:
+        run = _run(tmp_path, tokenizer_dir, dataset, "workers", workers=2, timeout=150,
+                   TOKENIZERS_PARALLELISM="true")
+    except subprocess.TimeoutExpired:
+        pytest.fail("the streaming recipe with 2 workers and TOKENIZERS_PARALLELISM=true hung (150 s)")
+    assert run["steps"] == 3
+    assert "TOKENIZERS_PARALLELISM='true' with dataloader_num_workers=2" in run["stderr"]
