@@ -34,7 +34,8 @@ BLOCK = re.compile(r"(<!-- render: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /rende
 RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead": "refresh_overhead",
              "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results",
              "dist_step_time": "dist_step_time", "gpu_suite": "gpu_render", "memory": "memory",
-             "storage_fidelity": "storage_fidelity", "gpu-": "gpu_render:render_session"}
+             "storage_fidelity": "storage_fidelity", "data_pipeline": "data_pipeline",
+             "checkpoint_save": "checkpoint_save", "gpu-": "gpu_render:render_session"}
 
 
 def renderer(path: Path):
