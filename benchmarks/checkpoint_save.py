@@ -78,7 +78,7 @@ def main():
     model = train.build_model(recipe["model"], GPT2_VOCAB())
     opt_spec = recipe["optimizer"]
     opt = getattr(hf_mousse, {"mousse": "Mousse", "muon": "Muon", "mimuon": "MiMuon"}[opt_spec["name"]]) \
-        .for_model(model, lr=recipe["training"]["learning_rate"], **opt_spec.get("args", {}))
+        .for_model(model, **opt_spec.get("args", {}))  # the lr does not change what is stored
     for group in opt.param_groups:
         for p in group["params"]:
             opt.state[p] = opt._fresh_state(p, group)
