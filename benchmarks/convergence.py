@@ -368,8 +368,9 @@ def main():
     if args.eval_every:
         size["eval_every"] = args.eval_every
     commit = git_commit()  # the code this run starts from (HEAD may move while it runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # --out: a folder (convergence.json and .png in it), or the JSON's own path (the GPU suite's)
+    out_json = Path(args.out) if args.out.endswith(".json") else Path(args.out) / "convergence.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     specs = run_specs(args)
     given = parse_map(args.lrs)
     if args.knobs:
@@ -446,10 +447,10 @@ def main():
                 for k, v in sweeps.items()},
         optimizers=results,
     )
-    (out / "convergence.json").write_text(json.dumps(report, indent=1))
-    plot(report, out / "convergence.png")
+    out_json.write_text(json.dumps(report, indent=1))
+    plot(report, out_json.with_suffix(".png"))
     print(render_markdown(report))
-    print(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -548,7 +549,7 @@ def parse_args():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's); 1 lets two benchmarks share 2 cores")
-    ap.add_argument("--out", default="runs/convergence")
+    ap.add_argument("--out", default="runs/convergence", help="a folder, or a path ending in .json")
     ap.add_argument("--render", metavar="JSON", default=None, help="print the markdown table of a result")
     return ap.parse_args()
 

@@ -14,12 +14,14 @@ sys.path.insert(0, str(HERE))
 
 
 def _renderers() -> dict:
+    import convergence
     import overhead
     import refresh_methods
     import step_time
 
     return {"step_time.py": step_time.render_markdown, "overhead.py": overhead.render_markdown,
-            "refresh_methods.py": refresh_methods.render_markdown}
+            "refresh_methods.py": refresh_methods.render_markdown,
+            "convergence.py": convergence.render_markdown}
 
 
 def _cell(text) -> str:

@@ -14,12 +14,16 @@ soon as it ends (rewritten atomically after every part):
                    refresh_schedule=staggered + refresh_delay=2 + matmul_dtype=bfloat16
   overhead_qwen3   overhead.py --preset qwen3-0.6b at 32,768 tokens/step: the same three
   memory           from the two overhead parts: peak allocated memory and optimizer state per optimizer
+  gpu_pilot        convergence.py --size gpu-pilot: GPT-2 d=512 x 8 layers, 400 steps of 32,768 tokens of
+                   the installed packages' sources, Mousse and Muon at lr 0.005 and 0.01, seed 0; its own
+                   device call (~4.5 min): run it with --parts gpu_pilot
 
 A row whose option this checkout's Mousse does not accept is skipped and listed with the reason.
 
     python benchmarks/gpu_suite.py              # on CUDA: benchmarks/results/gpu_suite-<gpu>.json
+    python benchmarks/gpu_suite.py --parts gpu_pilot    # a second call: gpu_suite-<gpu>-gpu_pilot.json
     python benchmarks/gpu_suite.py --authors-src /tmp/authors_mousse
-    python benchmarks/gpu_suite.py --smoke      # every part at a tiny size on CPU (about a minute)
+    python benchmarks/gpu_suite.py --smoke      # every part, the pilot too, tiny, on CPU (~2 minutes)
     python benchmarks/gpu_suite.py --budget step=120 --parts step,overhead_gpt2
     python benchmarks/gpu_suite.py --render benchmarks/results/gpu_suite-nvidia-h200.json
     hf-mousse bench gpu [the same arguments]
@@ -53,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 TOTAL_S = 480  # 8 minutes, imports included
 STARTUP_RESERVE_S = 30  # this process's imports and CUDA start, the JSON writes, the children's exits
 OVERHEAD_ROWS = "muon,mousse,mousse_gpu"
+PILOT_SWEEP = "mousse=0.005/0.01,muon=0.005/0.01"
 STEP_ROWS = ("torch_muon,hf_muon,mousse_both,mousse_delay1,mousse_bf16,mousse_delay1_bf16,mousse_gpu,"
              "mousse_newton")
 
@@ -67,6 +72,10 @@ STEP_ROWS = ("torch_muon,hf_muon,mousse_both,mousse_delay1,mousse_bf16,mousse_de
 #   +36 ms per step and +2.25 s per refresh (47 s each).
 # - overhead_qwen3 [~140]: model ~15; Muon 22 x 0.82 s = 18 s; Mousse rows 19 x 1.02 s + 3 x 11.2 s
 #   = 53 s each.
+# - gpu_pilot [~260]: imports and data ~30 (reading ~60 MB of sources, BPE on 20M characters,
+#   tokenizing on 16 cores); per run 400 steps + 17 evals: Muon ~65 ms/step (26 s), Mousse ~244 ms
+#   mean (98 s), x 2 lrs each. Over 4 minutes by the first pilot's step times: if the suite measures
+#   more, cut the pilot's steps (--steps) rather than its learning rates.
 PARTS = {
     "refresh_methods": dict(
         title="Refresh kernels (refresh_methods.py)", script="refresh_methods.py", budget=30,
@@ -93,7 +102,18 @@ PARTS = {
               "--warmup", "2", "--steps", "20", "--only", OVERHEAD_ROWS],
         smoke=["--device", "cpu", "--preset", "tiny-qwen3", "--warmup", "1", "--steps", "10",
                "--only", OVERHEAD_ROWS]),
+    "gpu_pilot": dict(
+        title="Convergence pilot (convergence.py)", script="convergence.py", budget=290, own_call=True,
+        size="GPT-2 d=512 x 8, 400 steps x 32,768 tokens, Mousse and Muon at lr 0.005 / 0.01, seed 0",
+        smoke_size="the gpu-pilot size shrunk (--smoke)",
+        args=["--size", "gpu-pilot", "--optimizers", "mousse,muon", "--sweep", PILOT_SWEEP, "--seeds", "1",
+              "--device", "cuda"],
+        smoke=["--size", "gpu-pilot", "--smoke", "--optimizers", "mousse,muon", "--sweep", PILOT_SWEEP,
+               "--seeds", "1", "--device", "cpu"]),
 }
+# a plain run (no --parts) fits one device call (at most 10 minutes); the parts marked own_call
+# (the pilot) run in a call of their own; --smoke runs them all
+DEFAULT_PARTS = [name for name, spec in PARTS.items() if not spec.get("own_call")]
 SMOKE_BUDGET_S = 150  # per part: a guard only, each takes seconds on 2 CPU cores
 MEMORY_FROM = ("overhead_gpt2", "overhead_qwen3")
 TAIL_LINES = 40
@@ -302,7 +322,8 @@ def main(argv=None):
 
         print(render_markdown(json.loads(Path(args.render).read_text())), end="")
         return
-    selected = list(PARTS) if not args.parts else [p.strip() for p in args.parts.split(",") if p.strip()]
+    default = list(PARTS) if args.smoke else DEFAULT_PARTS
+    selected = default if not args.parts else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(selected) - set(PARTS)
     if unknown:
         raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -314,8 +335,9 @@ def main(argv=None):
             raise SystemExit("gpu_suite.py: no CUDA device (--smoke runs every part at a tiny size on CPU)")
     facts = device_facts(args.smoke)
     name = "cpu" if args.smoke else slug(facts["device_name"])
+    subset = "" if selected == default else "-" + "-".join(selected)  # a second call keeps the first's file
     default_out = (ROOT / "runs" / "gpu_suite-smoke" / "gpu_suite-cpu.json" if args.smoke
-                   else ROOT / "benchmarks" / "results" / f"gpu_suite-{name}.json")
+                   else ROOT / "benchmarks" / "results" / f"gpu_suite-{name}{subset}.json")
     args.out = Path(args.out) if args.out else default_out
     args.work_dir = Path(args.work_dir) if args.work_dir else ROOT / "runs" / args.out.stem
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-PARTS = ("refresh_methods", "step", "overhead_gpt2", "overhead_qwen3", "memory")
+PARTS = ("refresh_methods", "step", "overhead_gpt2", "overhead_qwen3", "gpu_pilot", "memory")
 
 
 
@@ -60,6 +60,10 @@ def test_smoke_runs_every_part_into_one_json(smoke):
         mousse = data["results"][1]
         assert len(mousse["times_ms"]["step"]) == data["meta"]["warmup"] + data["meta"]["steps"]
         assert mousse["refresh_steps_timed"] >= 1 and mousse["state_bytes"]["total"] > 0
+    pilot = suite["parts"]["gpu_pilot"]["results"]  # convergence.py --size gpu-pilot, shrunk
+    assert pilot["config"]["size"] == "gpu-pilot-smoke" and "installed packages" in pilot["config"]["data"]
+    assert {k: [r["lr"] for r in v] for k, v in pilot["sweeps"].items()} == {"mousse": [0.005, 0.01],
+                                                                            "muon": [0.005, 0.01]}
     memory = suite["parts"]["memory"]["results"]["rows"]
     assert {(r["part"], r["key"]) for r in memory} >= {(p, k) for p in ("overhead_gpt2", "overhead_qwen3")
                                                        for k in ("muon", "mousse")}
@@ -154,3 +158,13 @@ def test_unsupported_names_the_missing_options():
     assert variants.unsupported({"refresh_delay": 1}, WithDelay) is None
     reason = variants.unsupported({"refresh_delay": 1, "matmul_dtype": "bfloat16"}, WithDelay)
     assert "matmul_dtype" in reason and "refresh_delay" not in reason
+
+
+def test_a_plain_run_fits_one_device_call_and_the_pilot_another():
+    """A device call lasts at most 10 minutes: the default parts' limits fit one, the pilot (its own
+    call, --parts gpu_pilot) another, within the issue's 4-5 minutes."""
+    suite = load_benchmark("gpu_suite")
+    default, parts = suite.DEFAULT_PARTS, suite.PARTS
+    assert "gpu_pilot" not in default and set(default) | {"gpu_pilot"} == set(parts)
+    assert sum(parts[p]["budget"] for p in default) + suite.STARTUP_RESERVE_S <= 600
+    assert parts["gpu_pilot"]["budget"] + suite.STARTUP_RESERVE_S <= 330
