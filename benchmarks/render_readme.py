@@ -35,7 +35,8 @@ RENDERERS = {"step_time": "step_time", "overhead": "overhead", "refresh_overhead
              "refresh_methods": "refresh_methods", "convergence": "convergence", "demo": "demo_results",
              "dist_step_time": "dist_step_time", "gpu_suite": "gpu_render", "memory": "memory",
              "storage_fidelity": "storage_fidelity", "data_pipeline": "data_pipeline",
-             "checkpoint_save": "checkpoint_save", "gpu-": "gpu_render:render_session"}
+             "checkpoint_save": "checkpoint_save", "time_to_target": "time_to_target",
+             "gpu-": "gpu_render:render_session"}
 
 
 def renderer(path: Path):
