@@ -35,3 +35,23 @@ def test_checkpoint_save_times_the_recipes_files(tmp_path, monkeypatch):
     assert r["optimizer_state_bytes"] < r["optimizer_file_bytes"] < r["optimizer_state_bytes"] + 2**20
     assert r["model_save_s"] > 0 and r["optimizer_save_s"] > r["sha256_digest_s"] > 0
     assert "`optimizer.safetensors`" in bench.render_markdown(r)
+
+
+def test_time_to_target_is_steps_times_the_gpu_step_time_ratio():
+    """benchmarks/time_to_target.py: a row's time ratio is its steps ratio times its step time over
+    Muon's, with Muon and Mousse's defaults at the measured H200 times and an option at a named model."""
+    from pathlib import Path
+
+    bench = load_benchmark("time_to_target")
+    measured = bench.measured_steps()
+    path = Path(bench.RESULTS) / "convergence-width-256-cpu" / "convergence.json"
+    rows = {r["label"]: r for r in bench.rows_of(path, 256, measured)}
+    mousse = rows["mousse"]
+    for scale, m in measured.items():
+        s = mousse["scales"][scale]
+        assert (s["step_ms"], s["muon_step_ms"]) == (m["mousse"], m["muon"])
+        assert s["source"].startswith("measured")
+        for steps, time in zip(mousse["step_ratio_per_seed"], s["time_ratio_per_seed"]):
+            assert time == steps * m["mousse"] / m["muon"]
+    ms, source = bench.step_time("mousse", "sides=small", "qwen3", measured)
+    assert source.startswith("model") and measured["qwen3"]["mousse_plain"] < ms < measured["qwen3"]["mousse"]
