@@ -109,7 +109,8 @@ def _damped(
     """
     d = factor.size(-1) * blocks
     trace = factor.diagonal(dim1=-2, dim2=-1).sum(-1) / bias_correction  # trace of F / (1 - beta^t)
-    trace = trace.view(-1, blocks).sum(-1).repeat_interleave(blocks)  # each block: its whole factor's
+    if blocks > 1:  # each block: its whole factor's trace
+        trace = trace.view(-1, blocks).sum(-1).repeat_interleave(blocks)
     finite = torch.isfinite(trace)
     valid = finite & (trace > torch.finfo(factor.dtype).tiny * d)
     if apply is not None:  # a 0-d device flag: false keeps every old basis (a gated, non-finite step)
