@@ -45,10 +45,12 @@ GPU = HERE / "results" / "gpu-2026-12-04"
 RESULTS = HERE / "results"
 # (width, convergence result) of the width trend; each at its tuned learning rates, 3 seeds
 WIDTHS = [(128, "convergence-cpu"), (256, "convergence-width-256-cpu"), (384, "convergence-width-384-cpu")]
-OPTIONS = "convergence-options-wide-cpu"  # the options at d=256
+# (width, convergence result) of the speed and memory options, 3 seeds each, at that width's rate
+OPTIONS = [(256, "convergence-options-wide-cpu"), (384, "convergence-options-wider-cpu")]
 # the GPU scales: label, model shape for the cost model (GPT-2 d x layers, or a Qwen3 preset)
 SCALES = {"pilot": "GPT-2 d=512 x 8 (H200 pilot, 32,768 tokens/step)",
           "qwen3": "Qwen3-0.6B (H200, 32,768 tokens/step)"}
+SCALE_WIDTH = {"pilot": 512, "qwen3": 1024}  # hidden size of each GPU scale
 
 
 def measured_steps() -> dict:
@@ -106,22 +108,23 @@ def refresh_cost(scale: str, options: dict) -> float:
     return total
 
 
-def gpu_options(optim_args: str | None, scale: str) -> dict | None:
-    """The option's settings at a GPU scale: max_factor_dim scales with the width (the CPU runs cut at
-    half the model width: d/2 at d=256 -> 256 for the pilot's 512, 512 for Qwen3-0.6B's 1024)."""
+def gpu_options(optim_args: str | None, scale: str, width: int) -> dict:
+    """The option's settings at a GPU scale: max_factor_dim keeps its fraction of the hidden size (a cut
+    at d/2 on the CPU model of width ``width`` -> 256 for the pilot's 512, 512 for Qwen3-0.6B's 1024)."""
     options = {}
     for item in filter(None, (optim_args or "").split(",")):
         key, _, value = item.partition("=")
         options[key] = value
     if "max_factor_dim" in options:
-        options["max_factor_dim"] = {"pilot": 256, "qwen3": 512}[scale]
+        options["max_factor_dim"] = int(options["max_factor_dim"]) * SCALE_WIDTH[scale] // width
     return options
 
 
-def step_time(name: str, optim_args: str | None, scale: str, measured: dict) -> tuple[float, str]:
-    """(ms per step, source) of one run's optimizer at ``scale``."""
+def step_time(name: str, optim_args: str | None, scale: str, measured: dict,
+              width: int) -> tuple[float, str]:
+    """(ms per step, source) of one run's optimizer, trained at CPU width ``width``, at ``scale``."""
     m = measured[scale]
-    options = gpu_options(optim_args, scale)
+    options = gpu_options(optim_args, scale, width)
     if name == "muon" and not options:
         return m["muon"], m["source"]
     if name != "mousse":
@@ -154,8 +157,8 @@ def rows_of(path: Path, width: int, measured: dict) -> list[dict]:
                    steps=r["steps_to_target"], step_ratio_per_seed=r["ratio_to_muon_per_seed"],
                    device=report["device"], commit=report["commit"], scales={})
         for scale in SCALES:
-            ms, source = step_time(r["name"], r["optim_args"], scale, measured)
-            muon_ms, _ = step_time("muon", None, scale, measured)
+            ms, source = step_time(r["name"], r["optim_args"], scale, measured, width)
+            muon_ms, _ = step_time("muon", None, scale, measured, width)
             per_seed = [None if x is None else x * ms / muon_ms for x in r["ratio_to_muon_per_seed"]]
             row["scales"][scale] = dict(step_ms=ms, muon_step_ms=muon_ms, source=source,
                                         time_ratio_per_seed=per_seed)
@@ -174,7 +177,8 @@ def main():
     measured = measured_steps()
     widths = [row for w, name in WIDTHS if (RESULTS / name / "convergence.json").exists()
               for row in rows_of(RESULTS / name / "convergence.json", w, measured)]
-    options = rows_of(RESULTS / OPTIONS / "convergence.json", 256, measured)
+    options = [row for w, name in OPTIONS if (RESULTS / name / "convergence.json").exists()
+               for row in rows_of(RESULTS / name / "convergence.json", w, measured)]
     report = dict(benchmark="time_to_target", commit=git_commit(), scales=SCALES, measured=measured,
                   eigh_model_ms={str(d): eigh_ms(d) for d in (128, 256, 384, 512, 768, 1024, 3072)},
                   widths=widths, options=options)
@@ -217,16 +221,19 @@ def render_markdown(report: dict) -> str:
         lines += ["**Width trend** (each optimizer at its own tuned rate, 3 seeds):", ""]
         lines += _table(report["widths"], "width")
         lines.append("")
-    lines += ["**Options at d=256** (3 seeds, lr 0.01); the step time of each option at each scale:", ""]
-    lines += _table(report["options"], "run")
+    for width in sorted({r["width"] for r in report["options"]}):
+        rows = [r for r in report["options"] if r["width"] == width]
+        lrs = "/".join(sorted({f"{r['lr']:g}" for r in rows}))
+        lines += [f"**Options at d={width}** (3 seeds, lr {lrs}):", ""] + _table(rows, "run") + [""]
+    lines.append("The step time of each option at each scale:")
     lines.append("")
     seen = set()
     for r in report["options"]:
         for s, v in r["scales"].items():
-            key = (r["label"], s)
+            key = (r["optim_args"], s, v["step_ms"])
             if key not in seen and v["source"].startswith("model"):
                 seen.add(key)
-                lines.append(f"- {r['label']} at {s}: {v['step_ms']:.1f} ms ({v['source']})")
+                lines.append(f"- {r['optim_args']} at {s}: {v['step_ms']:.1f} ms ({v['source']})")
     return "\n".join(lines)
 
 

@@ -53,5 +53,9 @@ def test_time_to_target_is_steps_times_the_gpu_step_time_ratio():
         assert s["source"].startswith("measured")
         for steps, time in zip(mousse["step_ratio_per_seed"], s["time_ratio_per_seed"]):
             assert time == steps * m["mousse"] / m["muon"]
-    ms, source = bench.step_time("mousse", "sides=small", "qwen3", measured)
+    ms, source = bench.step_time("mousse", "sides=small", "qwen3", measured, 256)
     assert source.startswith("model") and measured["qwen3"]["mousse_plain"] < ms < measured["qwen3"]["mousse"]
+    # max_factor_dim keeps its fraction of the width: d/2 on any CPU width is 512 at Qwen3-0.6B (1024)
+    for width in (256, 384):
+        assert bench.gpu_options(f"max_factor_dim={width // 2}", "qwen3", width) == {"max_factor_dim": 512}
+    assert bench.gpu_options("max_factor_dim=96", "pilot", 384) == {"max_factor_dim": 128}
