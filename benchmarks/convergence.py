@@ -25,6 +25,7 @@ Protocol (the same for every optimizer):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import json
 import math
@@ -56,8 +57,9 @@ SIZES = {
     # three times the CPU width, the widest of the CPU width trend (same depth, data and tokens)
     "cpu-wider": dict(model=dict(n_embd=384, n_layer=4, n_head=4), seq_len=128, batch=16, steps=400,
                       eval_every=25, eval_blocks=128, vocab=4096, warmup=20),
-    # the one-GPU pilot (~4 min on one H200 for 2 optimizers x 2 lrs): 13M tokens of the installed
-    # packages' Python sources, each seen once; BPE trained on the first 20M characters of training text
+    # the one-GPU pilot (2 optimizers x 2 lrs; ~250 s one at a time by the H200's step times, so the
+    # GPU suite runs them at once with --jobs 4): 13M tokens of the installed packages' Python sources,
+    # each seen once; BPE trained on the first 20M characters of training text
     "gpu-pilot": dict(model=dict(n_embd=512, n_layer=8, n_head=8), seq_len=1024, batch=32, steps=400,
                       eval_every=25, eval_blocks=64, vocab=8192, warmup=40, data="site-packages",
                       tokenizer_chars=20_000_000),
@@ -220,11 +222,15 @@ def eval_loss(model, blocks: torch.Tensor, device, batch: int) -> float:
     return total / len(blocks)
 
 
-def train_run(args, size: dict, data, name: str, optim_args: str | None, lr: float, seed: int) -> dict:
-    """One training run; returns its eval curve [(step, loss)], final eval loss and time."""
-    train_blocks, eval_blocks, tokenizer, _ = data
+def train_run(args, size: dict, blocks: tuple, name: str, optim_args: str | None, lr: float,
+              seed: int) -> dict:
+    """One training run on ``blocks`` = (train blocks, eval blocks, vocab size); returns its eval curve
+    [(step, loss)], final eval loss and time."""
+    if args.threads:  # a --jobs worker starts with torch's default
+        torch.set_num_threads(args.threads)
+    train_blocks, eval_blocks, vocab_size = blocks
     device = torch.device(args.device)
-    model = build_model(size, len(tokenizer), seed, device)
+    model = build_model(size, vocab_size, seed, device)
     opt, sched = trainer_optimizer(model, name, optim_args, lr, args.steps, size["warmup"],
                                    use_cpu=device.type == "cpu")
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
@@ -249,6 +255,32 @@ def train_run(args, size: dict, data, name: str, optim_args: str | None, lr: flo
                 break
     return dict(lr=lr, seed=seed, curve=curve, final_eval_loss=curve[-1][1],
                 train_seconds=time.perf_counter() - start)
+
+
+def train_runs(args, size: dict, data, keys: list) -> dict:
+    """{(name, optim_args, lr, seed): run} for ``keys``, ``args.jobs`` at a time. Concurrent runs share
+    the device: on a GPU that one small model leaves mostly idle (Mousse's refresh is latency-bound)
+    they overlap; each run's result is the same as alone (its own process, model, seed and order)."""
+    blocks = (data[0], data[1], len(data[2]))
+    done = {}
+
+    def report(key, run):
+        done[key] = run
+        name, optim_args, lr, seed = key
+        print(f"{name} ({optim_args or 'defaults'}) lr {lr:g} seed {seed}: final eval loss "
+              f"{run['final_eval_loss']:.4f} ({_fmt(run['train_seconds'], '.0f')} s)", flush=True)
+
+    if args.jobs <= 1 or len(keys) <= 1:
+        for key in keys:
+            report(key, train_run(args, size, blocks, *key))
+        return done
+    # spawn, not fork: CUDA and the tokenizers' thread pool do not survive a fork
+    context = torch.multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(keys)), mp_context=context) as pool:
+        futures = {pool.submit(train_run, args, size, blocks, *key): key for key in keys}
+        for future in concurrent.futures.as_completed(futures):
+            report(futures[future], future.result())
+    return done
 
 
 def steps_to(curve: list, target: float) -> float | None:
@@ -387,43 +419,55 @@ def main():
             for key, seeds in reusable_runs(path, config).items():
                 reuse.setdefault(key, {}).update(seeds)
 
-    def run(name, optim_args, lr, seed):
-        cached = reuse.get((name, optim_args, lr), {}).get(seed)
-        if cached is not None:
-            print(f"{name} ({optim_args or 'defaults'}) lr {lr:g} seed {seed}: reused from {args.reuse}")
-            return cached
-        return train_run(args, size, data, name, optim_args, lr, seed)
+    done: dict = {}  # (name, optim_args, lr, seed) -> run
 
+    def run_all(keys):
+        """Train the runs of ``keys`` not reused or done already (each once, args.jobs at a time)."""
+        fresh = []
+        for key in dict.fromkeys(keys):
+            if key in done:
+                continue
+            cached = reuse.get(key[:3], {}).get(key[3])
+            if cached is not None:
+                name, optim_args, lr, seed = key
+                print(f"{name} ({optim_args or 'defaults'}) lr {lr:g} seed {seed}: reused from {args.reuse}")
+                done[key] = cached
+            else:
+                fresh.append(key)
+        done.update(train_runs(args, size, data, fresh))
+
+    def seeds_at(label, lr, swept):
+        name, optim_args = specs[label]  # a swept label's seed 0 is its best sweep run
+        return [(name, optim_args, lr, seed) for seed in range(args.seeds)
+                if not (swept and seed == 0) and seed not in args.skip_seeds]
+
+    # the sweeps and the given-rate runs first (all known up front), then the seeds at the chosen rates
+    given_lr = {label: given.get(label, given.get(name)) for label, (name, _) in specs.items()}
+    grid_of = parse_map(args.sweep, lambda v: tuple(float(x) for x in v.split("/")))
+    grids = {label: grid_of.get(label) or SWEEP.get(name, DEFAULT_SWEEP)
+             for label, (name, _) in specs.items() if given_lr[label] is None}
+    run_all([(*specs[label], lr, 0) for label, grid in grids.items() for lr in grid]
+            + [key for label in specs if label not in grids
+               for key in seeds_at(label, given_lr[label], swept=False)])
     sweeps, chosen = {}, {}
-    for label, (name, optim_args) in specs.items():
-        lr = given.get(label, given.get(name))
-        if lr is not None:
-            chosen[label] = (lr, "given", None)
+    for label in specs:
+        if label not in grids:
+            chosen[label] = (given_lr[label], "given", None)
             continue
-        grid = parse_map(args.sweep, lambda v: tuple(float(x) for x in v.split("/"))).get(label) \
-            or SWEEP.get(name, DEFAULT_SWEEP)
-        runs = []
-        for lr in grid:
-            runs.append(run(name, optim_args, lr, seed=0))
-            print(f"sweep {label:<14} lr {lr:<8g} final eval loss {runs[-1]['final_eval_loss']:.4f} "
-                  f"({_fmt(runs[-1]['train_seconds'], '.0f')} s)", flush=True)
+        runs = sweeps[label] = [done[(*specs[label], lr, 0)] for lr in grids[label]]
+        for r in runs:
+            print(f"sweep {label:<14} lr {r['lr']:<8g} final eval loss {r['final_eval_loss']:.4f}")
         best = min(runs, key=lambda r: r["final_eval_loss"] if math.isfinite(r["final_eval_loss"]) else 1e9)
-        edge = best["lr"] in (min(grid), max(grid))
-        sweeps[label] = runs
         chosen[label] = (best["lr"], "sweep", best)
-        if edge:
-            print(f"  note: {label}'s best lr {best['lr']:g} is at the edge of its sweep {grid}")
+        if best["lr"] in (min(grids[label]), max(grids[label])):
+            print(f"  note: {label}'s best lr {best['lr']:g} is at the edge of its sweep {grids[label]}")
+    run_all([key for label in grids for key in seeds_at(label, chosen[label][0], swept=True)])
 
     runs_by_label = {}
-    for label, (name, optim_args) in specs.items():
+    for label in specs:
         lr, _, seed0 = chosen[label]
         runs = [seed0] if seed0 is not None else []
-        for seed in range(args.seeds):
-            if (seed0 is not None and seed == 0) or seed in args.skip_seeds:
-                continue
-            runs.append(run(name, optim_args, lr, seed))
-            print(f"{label:<14} lr {lr:<8g} seed {seed} final eval loss {runs[-1]['final_eval_loss']:.4f} "
-                  f"({_fmt(runs[-1]['train_seconds'], '.0f')} s)", flush=True)
+        runs += [done[key] for key in seeds_at(label, lr, seed0 is not None)]
         runs_by_label[label] = sorted(runs, key=lambda r: r["seed"])
 
     targets = {r["seed"]: r["final_eval_loss"] for r in runs_by_label[BASELINE]}
@@ -438,6 +482,7 @@ def main():
     device = torch.device(args.device)
     report = dict(
         benchmark="convergence", device=device_name(device), commit=commit, load_average=loadavg(),
+        jobs=args.jobs,  # runs trained at once: train_seconds are shared-device times when > 1
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
                       hf_mousse=hf_mousse.__version__, python=sys.version.split()[0]),
         config=config,
@@ -549,6 +594,9 @@ def parse_args():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's); 1 lets two benchmarks share 2 cores")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once, each in its own process (on one GPU they overlap its idle "
+                         "time); results are the same as one at a time")
     ap.add_argument("--out", default="runs/convergence", help="a folder, or a path ending in .json")
     ap.add_argument("--render", metavar="JSON", default=None, help="print the markdown table of a result")
     return ap.parse_args()

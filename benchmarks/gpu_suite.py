@@ -15,8 +15,8 @@ soon as it ends (rewritten atomically after every part):
   overhead_qwen3   overhead.py --preset qwen3-0.6b at 32,768 tokens/step: the same three
   memory           from the two overhead parts: peak allocated memory and optimizer state per optimizer
   gpu_pilot        convergence.py --size gpu-pilot: GPT-2 d=512 x 8 layers, 400 steps of 32,768 tokens of
-                   the installed packages' sources, Mousse and Muon at lr 0.005 and 0.01, seed 0; its own
-                   device call (~4.5 min): run it with --parts gpu_pilot
+                   the installed packages' sources, Mousse and Muon at lr 0.005 and 0.01, seed 0, the four
+                   runs at once (--jobs 4); its own device call: run it with --parts gpu_pilot
 
 A row whose option this checkout's Mousse does not accept is skipped and listed with the reason.
 
@@ -72,10 +72,13 @@ STEP_ROWS = ("torch_muon,hf_muon,mousse_both,mousse_delay1,mousse_bf16,mousse_de
 #   +36 ms per step and +2.25 s per refresh (47 s each).
 # - overhead_qwen3 [~140]: model ~15; Muon 22 x 0.82 s = 18 s; Mousse rows 19 x 1.02 s + 3 x 11.2 s
 #   = 53 s each.
-# - gpu_pilot [~260]: imports and data ~30 (reading ~60 MB of sources, BPE on 20M characters,
+# - gpu_pilot [~150 - 260]: imports and data ~30 (reading ~60 MB of sources, BPE on 20M characters,
 #   tokenizing on 16 cores); per run 400 steps + 17 evals: Muon ~65 ms/step (26 s), Mousse ~244 ms
-#   mean (98 s), x 2 lrs each. Over 4 minutes by the first pilot's step times: if the suite measures
-#   more, cut the pilot's steps (--steps) rather than its learning rates.
+#   mean (98 s), x 2 lrs each: 250 s one after another, over 4 minutes. So the four runs share the GPU
+#   (--jobs 4): one d=512 model leaves it mostly idle (Muon's 65 ms step is ~4x its matmul time and
+#   the refresh's eigh is latency-bound), so they should overlap to about the longest run (~100 s)
+#   plus contention; not yet measured. If the suite measures more, cut the pilot's steps (--steps)
+#   rather than its learning rates.
 PARTS = {
     "refresh_methods": dict(
         title="Refresh kernels (refresh_methods.py)", script="refresh_methods.py", budget=30,
@@ -107,9 +110,9 @@ PARTS = {
         size="GPT-2 d=512 x 8, 400 steps x 32,768 tokens, Mousse and Muon at lr 0.005 / 0.01, seed 0",
         smoke_size="the gpu-pilot size shrunk (--smoke)",
         args=["--size", "gpu-pilot", "--optimizers", "mousse,muon", "--sweep", PILOT_SWEEP, "--seeds", "1",
-              "--device", "cuda"],
+              "--jobs", "4", "--device", "cuda"],
         smoke=["--size", "gpu-pilot", "--smoke", "--optimizers", "mousse,muon", "--sweep", PILOT_SWEEP,
-               "--seeds", "1", "--device", "cpu"]),
+               "--seeds", "1", "--jobs", "4", "--device", "cpu"]),
 }
 # a plain run (no --parts) fits one device call (at most 10 minutes); the parts marked own_call
 # (the pilot) run in a call of their own; --smoke runs them all

@@ -86,6 +86,30 @@ def test_reuse_takes_runs_with_the_same_settings_and_refuses_others(tmp_path):
     assert proc.returncode != 0 and "made with other settings (['steps'" in proc.stderr
 
 
+def test_jobs_train_runs_concurrently_with_the_results_of_one_at_a_time(tmp_path):
+    """--jobs N: the sweep, then the seeds at the chosen rate, in N processes; every run's curve and the
+    chosen rates equal those of a sequential run (each run is its own model, seed and data order)."""
+    reports = {}
+    for jobs in (1, 3):
+        out = tmp_path / f"jobs{jobs}"
+        proc = run(out, "--optimizers", "mousse", "--sweep", "mousse=0.003/0.01/0.03", "--lrs", "muon=0.01",
+                   "--seeds", "2", "--threads", "1", "--jobs", str(jobs))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("final eval loss") >= 5  # 3 sweep runs, 1 more mousse seed, 2 muon seeds
+        reports[jobs] = json.loads((out / "convergence.json").read_text())
+    one, many = reports[1], reports[3]
+    assert _without_seconds(many["sweeps"]) == _without_seconds(one["sweeps"])
+    for label in ("muon", "mousse"):
+        assert many["optimizers"][label]["lr"] == one["optimizers"][label]["lr"]
+        assert many["optimizers"][label]["curves"] == one["optimizers"][label]["curves"], label
+        assert len(one["optimizers"][label]["curves"]) == 2
+
+
+def _without_seconds(sweeps: dict) -> dict:
+    return {label: [{k: v for k, v in r.items() if k != "train_seconds"} for r in runs]
+            for label, runs in sweeps.items()}
+
+
 def test_knobs_and_variants_become_runs_with_their_optim_args():
     import argparse
 
