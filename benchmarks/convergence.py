@@ -562,6 +562,12 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of runs, 1 or more")
+    return int(text)
+
+
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None,
@@ -594,7 +600,7 @@ def parse_args():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's); 1 lets two benchmarks share 2 cores")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=_positive_int, default=1,
                     help="runs trained at once, each in its own process (on one GPU they overlap its idle "
                          "time); results are the same as one at a time")
     ap.add_argument("--out", default="runs/convergence", help="a folder, or a path ending in .json")

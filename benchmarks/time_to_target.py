@@ -175,10 +175,11 @@ def main():
         print(render_markdown(json.loads(Path(args.render).read_text())))
         return
     measured = measured_steps()
-    widths = [row for w, name in WIDTHS if (RESULTS / name / "convergence.json").exists()
-              for row in rows_of(RESULTS / name / "convergence.json", w, measured)]
-    options = [row for w, name in OPTIONS if (RESULTS / name / "convergence.json").exists()
-               for row in rows_of(RESULTS / name / "convergence.json", w, measured)]
+    def rows_at(results):  # every row of the (width, result) pairs whose file exists
+        return [row for w, name in results if (RESULTS / name / "convergence.json").exists()
+                for row in rows_of(RESULTS / name / "convergence.json", w, measured)]
+
+    widths, options = rows_at(WIDTHS), rows_at(OPTIONS)
     report = dict(benchmark="time_to_target", commit=git_commit(), scales=SCALES, measured=measured,
                   eigh_model_ms={str(d): eigh_ms(d) for d in (128, 256, 384, 512, 768, 1024, 3072)},
                   widths=widths, options=options)
